@@ -1,0 +1,50 @@
+"""fxcomp: a graph-rewriting model-compression compiler for PyTorch, built on torch.fx.
+
+Example::
+
+    import fxcomp, torch, torchvision
+    result = fxcomp.compile(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
+                            passes=[fxcomp.passes.fuse()])
+    print(result.report)
+"""
+
+from fxcomp import passes
+from fxcomp.compiler import CompileResult, compile
+from fxcomp.context import CompileContext
+from fxcomp.dump import DumpAfterEach, render_graph
+from fxcomp.errors import (
+    BackendError,
+    FxcompError,
+    InputError,
+    PassError,
+    PassOrderError,
+    TraceError,
+    UnsupportedGraphError,
+    VerificationError,
+)
+from fxcomp.pass_manager import Pass, PassManager, PassResult, Pipeline
+from fxcomp.report import Report
+from fxcomp.trace import trace
+
+__all__ = [
+    "BackendError",
+    "CompileContext",
+    "CompileResult",
+    "DumpAfterEach",
+    "FxcompError",
+    "InputError",
+    "Pass",
+    "PassError",
+    "PassManager",
+    "PassOrderError",
+    "PassResult",
+    "Pipeline",
+    "Report",
+    "TraceError",
+    "UnsupportedGraphError",
+    "VerificationError",
+    "compile",
+    "passes",
+    "render_graph",
+    "trace",
+]

@@ -1,0 +1,123 @@
+"""The ``fxcomp`` command line: a thin layer over the library.
+
+Example::
+
+    fxcomp dump torchvision:resnet18 --passes fuse --format table
+    fxcomp passes
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from fxcomp.compiler import compile
+from fxcomp.dump import FORMATS, DumpAfterEach, render_graph
+from fxcomp.errors import FxcompError, InputError
+from fxcomp.model_spec import load_model, parse_shape
+
+__all__ = ["main"]
+
+
+class _Group(click.Group):
+    """Turns fxcomp errors into one line and a hint (exit 2); --debug shows the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        debug = "--debug" in sys.argv[1:]
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except FxcompError as err:
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {err.message}", err=True)
+            if err.hint:
+                click.echo(f"hint: {err.hint}", err=True)
+            ctx.exit(2)
+        except Exception as err:
+            if debug:
+                raise
+            click.echo(f"internal error: {type(err).__name__}: {err}", err=True)
+            click.echo("hint: rerun with --debug for the traceback", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show Python tracebacks for errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each pass does.")
+@click.version_option(package_name="fxcomp")
+def main(debug: bool, verbose: bool) -> None:
+    """fxcomp: a graph-rewriting model-compression compiler for PyTorch."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+def _passes(names: str) -> list[Any]:
+    from fxcomp.passes import BUILTIN
+
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in BUILTIN]
+    if unknown:
+        raise InputError(
+            f"unknown pass '{unknown[0]}'", hint=f"built-in passes: {', '.join(BUILTIN)}"
+        )
+    return [BUILTIN[n]() for n in chosen]
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--input-shape",
+    "input_shapes",
+    multiple=True,
+    default=("1,3,224,224",),
+    show_default=True,
+    help="Shape of a random example input; repeat for several inputs.",
+)
+@click.option("--passes", "pass_names", default="", help="Comma-separated built-in passes.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+@click.option(
+    "--after-each",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the graph after every pass to numbered files in this folder.",
+)
+@click.option("--explain", is_flag=True, help="Show why rewrite rules did not apply.")
+@click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
+def dump(
+    model: str,
+    input_shapes: tuple[str, ...],
+    pass_names: str,
+    fmt: str,
+    after_each: Path | None,
+    explain: bool,
+    leaves: tuple[str, ...],
+) -> None:
+    """Trace MODEL, run --passes, and print its graph.
+
+    MODEL is torchvision:NAME (random weights), package.module:attr or path/to/file.py:attr.
+    """
+    passes = _passes(pass_names)
+    torch.manual_seed(0)
+    inputs = tuple(torch.randn(parse_shape(s)) for s in input_shapes)
+    hooks = [DumpAfterEach(after_each, fmt)] if after_each else []
+    result = compile(load_model(model), inputs, passes, leaf_modules=leaves, after_pass=hooks)
+    notes = result.report.notes if explain else ()
+    click.echo(render_graph(result.module, fmt, notes=notes))
+    if passes:
+        click.echo(f"\n{result.report}", err=True)
+
+
+@main.command(name="passes")
+def list_passes() -> None:
+    """List the built-in passes."""
+    from fxcomp.passes import BUILTIN
+
+    for name, constructor in BUILTIN.items():
+        summary = (constructor.__doc__ or "").strip().splitlines()[0]
+        click.echo(f"{name:<8} {summary}")

@@ -1,0 +1,66 @@
+"""Fused units that ``fuse`` creates: later passes treat each as one quantizable op.
+
+``ConvReLU(conv)`` computes ``relu(conv(x))``, ``LinearReLU(linear)`` computes
+``relu(linear(x))`` and ``add_relu(a, b)`` computes ``relu(a + b)``. They are ordinary
+modules and functions, so a fused graph runs, saves and exports like any other.
+
+Example::
+
+    unit = ConvReLU(nn.Conv2d(3, 8, 3))
+    unit(torch.randn(1, 3, 8, 8)).min() >= 0
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import nn
+
+__all__ = ["ConvReLU", "FusedModule", "LinearReLU", "add_relu"]
+
+
+class FusedModule(nn.Module):
+    """Base of fxcomp's fused units; fxcomp's tracer keeps them as single nodes."""
+
+
+class ConvReLU(FusedModule):
+    """``relu(conv(x))`` for a Conv1d, Conv2d or Conv3d.
+
+    Example::
+
+        ConvReLU(nn.Conv2d(3, 8, 3))(torch.randn(1, 3, 8, 8))
+    """
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+class LinearReLU(FusedModule):
+    """``relu(linear(x))``.
+
+    Example::
+
+        LinearReLU(nn.Linear(4, 2))(torch.randn(3, 4))
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(x))
+
+
+@torch.fx.wrap
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``relu(a + b)``, one node in a traced graph.
+
+    Example::
+
+        add_relu(torch.ones(2), -2 * torch.ones(2))  # tensor([0., 0.])
+    """
+    return torch.relu(a + b)

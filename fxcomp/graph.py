@@ -1,0 +1,80 @@
+"""Small helpers over torch.fx graphs that passes and tools share.
+
+Example::
+
+    conv = module_of(gm, node)            # the nn.Module a call_module node runs
+    print(source_of(node))                # "model.py:42 `y = self.conv(x)`"
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import _get_qualified_name
+
+__all__ = [
+    "module_of",
+    "node_counts",
+    "replace_module",
+    "source_of",
+    "state_size",
+    "target_name",
+]
+
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>.*)')
+
+
+def source_of(node: Node) -> str | None:
+    """The user's source line that created ``node`` ("file.py:12 `code`"), if recorded."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    frames = _FRAME.findall(trace)
+    if not frames:
+        return None
+    file, line, _fn, code = frames[-1]
+    return f"{file}:{line} `{code.strip()}`"
+
+
+def module_of(gm: GraphModule, node: Node) -> nn.Module | None:
+    """The submodule a ``call_module`` node calls, or None for other nodes."""
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(str(node.target))
+
+
+def replace_module(gm: GraphModule, qualified_name: str, new: nn.Module) -> None:
+    """Put ``new`` at ``qualified_name`` in ``gm``; other aliases of the old module are kept."""
+    parent_name, _, attr = qualified_name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, attr, new)
+
+
+def target_name(gm: GraphModule, node: Node) -> str:
+    """A readable name for what a node calls: module type, function path or method."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(gm.get_submodule(str(node.target))).__name__})"
+    if node.op == "call_function":
+        try:
+            return _get_qualified_name(node.target)  # type: ignore[arg-type]
+        except (RuntimeError, AttributeError):
+            return str(node.target)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return str(node.target)
+
+
+def node_counts(gm: GraphModule) -> dict[str, int]:
+    """Number of nodes per FX op kind."""
+    return dict(Counter(node.op for node in gm.graph.nodes))
+
+
+def state_size(module: nn.Module) -> tuple[int, int]:
+    """(parameter count, bytes of parameters and buffers) of a module."""
+    params = sum(p.numel() for p in module.parameters())
+    tensors: list[torch.Tensor] = [*module.parameters(), *module.buffers()]
+    return params, sum(t.numel() * t.element_size() for t in tensors)

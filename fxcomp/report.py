@@ -1,0 +1,107 @@
+"""What a compile did, pass by pass: a readable table, and a dict for JSON.
+
+Example::
+
+    result = fxcomp.compile(model, x, passes=[fxcomp.passes.fuse()])
+    print(result.report)                      # the table
+    json.dumps(result.report.to_dict())       # the same data
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+__all__ = ["Note", "PassRecord", "Report"]
+
+
+@dataclass(frozen=True)
+class Note:
+    """Why a rewrite rule did not apply at a node."""
+
+    pass_name: str
+    node: str
+    rule: str
+    reason: str
+    source: str | None = None
+
+    def __str__(self) -> str:
+        where = f" [{self.source}]" if self.source else ""
+        return f"{self.pass_name}: {self.rule} not applied at '{self.node}': {self.reason}{where}"
+
+
+@dataclass
+class PassRecord:
+    """One pass run: time, node counts by op, parameters and bytes before and after.
+
+    ``path`` is the qualified name ("quantize/calibrate" for a pass inside a pipeline).
+    """
+
+    name: str
+    path: str
+    modified: bool
+    seconds: float
+    nodes_before: dict[str, int]
+    nodes_after: dict[str, int]
+    parameters_before: int
+    parameters_after: int
+    bytes_before: int
+    bytes_after: int
+    children: list[PassRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict, children included."""
+        data = asdict(self)
+        data["children"] = [child.to_dict() for child in self.children]
+        return data
+
+
+@dataclass
+class Report:
+    """The records of every pass (in order, pipelines nested) and the notes they left."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
+
+    def find(self, name: str) -> PassRecord | None:
+        """The first record (depth first) of the pass called ``name``."""
+        stack = list(reversed(self.records))
+        while stack:
+            record = stack.pop()
+            if record.name == name:
+                return record
+            stack.extend(reversed(record.children))
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of the whole report."""
+        return {
+            "passes": [record.to_dict() for record in self.records],
+            "notes": [asdict(note) for note in self.notes],
+        }
+
+    def __str__(self) -> str:
+        rows = []
+
+        def add(record: PassRecord, depth: int) -> None:
+            before, after = sum(record.nodes_before.values()), sum(record.nodes_after.values())
+            rows.append(
+                [
+                    "  " * depth + record.name,
+                    "yes" if record.modified else "no",
+                    f"{record.seconds * 1e3:.1f}",
+                    f"{before} -> {after}",
+                    f"{record.parameters_before:,} -> {record.parameters_after:,}",
+                    f"{record.bytes_before / 2**20:.2f} -> {record.bytes_after / 2**20:.2f}",
+                    sum(1 for note in self.notes if note.pass_name == record.path),
+                ]
+            )
+            for child in record.children:
+                add(child, depth + 1)
+
+        for record in self.records:
+            add(record, 0)
+        headers = ["pass", "modified", "ms", "nodes", "parameters", "MiB", "notes"]
+        return tabulate(rows, headers=headers, disable_numparse=True)

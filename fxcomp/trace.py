@@ -1,0 +1,216 @@
+"""Symbolic tracing of a copy of the user's model, with shape propagation.
+
+``trace`` deep-copies the model, puts the copy in eval mode, traces it with torch.fx and
+runs the example inputs through the graph so that every node carries its output shape and
+dtype in ``node.meta["tensor_meta"]`` (torch's ``TensorMetadata``). The caller's model is
+never touched.
+
+Example::
+
+    gm = fxcomp.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    gm.graph.find_nodes(op="call_module")[0].meta["tensor_meta"].shape
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import logging
+import os
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Interpreter, Node, Tracer
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from fxcomp.errors import InputError, TraceError
+from fxcomp.graph import source_of
+
+__all__ = ["as_input_tuple", "propagate_shapes", "trace"]
+
+log = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FXCOMP_DIR = os.path.dirname(__file__)
+
+LeafSpec = str | type[nn.Module]
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise example inputs (a tensor, or a tuple/list of inputs) to a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise InputError(
+        "example_inputs must be a tensor or a tuple of inputs, "
+        f"got {type(example_inputs).__name__}",
+        hint="pass torch.randn(1, 3, 224, 224), or a tuple for a model with several inputs",
+    )
+
+
+class _LeafTracer(Tracer):
+    """A tracer that records stack traces and keeps the user's chosen modules opaque."""
+
+    def __init__(self, leaf_names: frozenset[str], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.record_stack_traces = True
+        self._leaf_names = leaf_names
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        from fxcomp.fused import FusedModule
+
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        return isinstance(m, FusedModule) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> GraphModule:
+    """Trace a deep copy of ``model`` in eval mode and propagate shapes from ``example_inputs``.
+
+    ``leaf_modules`` names submodules (qualified names or classes) to keep as single opaque
+    nodes; ``concrete_args`` fixes forward arguments that drive control flow.
+
+    Example::
+
+        gm = trace(model, torch.randn(1, 3, 32, 32), leaf_modules=["gate"])
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    try:
+        root = copy.deepcopy(model)
+    except Exception as err:
+        raise TraceError(
+            f"cannot copy the model ({type(err).__name__}: {err})",
+            hint="fxcomp works on a deep copy so that your model is never changed; make the "
+            "model deep-copyable (no open files, locks or generators as attributes)",
+        ) from err
+    root.eval()
+    names, types = _split_leaf_specs(root, leaf_modules)
+    tracer = _LeafTracer(names, types)
+    try:
+        graph = tracer.trace(root, concrete_args=dict(concrete_args) if concrete_args else None)
+    except Exception as err:
+        raise _trace_error(err, tracer) from err
+    gm = GraphModule(tracer.root, graph, type(root).__name__)
+    for node in gm.graph.nodes:
+        node.meta["fxcomp_pass"] = "trace"
+    propagate_shapes(gm, inputs)
+    return gm
+
+
+def _split_leaf_specs(
+    root: nn.Module, specs: Iterable[LeafSpec]
+) -> tuple[frozenset[str], tuple[type, ...]]:
+    names: set[str] = set()
+    types: list[type] = []
+    known = dict(root.named_modules())
+    for spec in specs:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            types.append(spec)
+        elif isinstance(spec, str):
+            if spec not in known:
+                close = difflib.get_close_matches(spec, list(known), n=3)
+                raise InputError(
+                    f"leaf_modules names '{spec}', which is not a submodule of the model",
+                    hint=f"did you mean {', '.join(close)}?"
+                    if close
+                    else "list submodule names with model.named_modules()",
+                )
+            names.add(spec)
+        else:
+            raise InputError(
+                f"leaf_modules takes qualified names or nn.Module classes, got {spec!r}"
+            )
+    return frozenset(names), tuple(types)
+
+
+def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
+    frames = traceback.extract_tb(err.__traceback__)
+    for frame in reversed(frames):
+        if not frame.filename.startswith((_TORCH_DIR, _FXCOMP_DIR)):
+            return frame
+    return None
+
+
+def _trace_error(err: Exception, tracer: _LeafTracer) -> TraceError:
+    module_path = None
+    if tracer.module_stack:
+        # The innermost module being traced when the error struck: (qualified name, type).
+        module_path = next(reversed(tracer.module_stack.values()))[0] or None
+    frame = _user_frame(err)
+    where = f" at {frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else ""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if module_path:
+        subject = (
+            f"submodule '{module_path}' ({type(tracer.root.get_submodule(module_path)).__name__})"
+        )
+        hint = (
+            f"keep it as one opaque node: leaf_modules=['{module_path}'] "
+            f"(CLI: --leaf {module_path}), or fix the value that drives the control flow "
+            "with concrete_args={'name': value}"
+        )
+    else:
+        subject = f"the model's own forward ({type(tracer.root).__name__})"
+        hint = (
+            "fix the forward argument that drives the control flow with "
+            "concrete_args={'name': value}, or move the untraceable code into a submodule "
+            "and list it in leaf_modules"
+        )
+    return TraceError(f"cannot trace {subject}{where}: {reason}", hint=hint)
+
+
+def _tensor_meta(value: Any) -> Any:
+    def one(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        return TensorMetadata(
+            shape=v.shape,
+            dtype=v.dtype,
+            requires_grad=v.requires_grad,
+            stride=v.stride() if v.layout == torch.strided else (),
+            memory_format=None,
+            is_quantized=v.is_quantized,
+            qparams={},
+        )
+
+    return map_aggregate(value, one)
+
+
+class _ShapeRecorder(Interpreter):
+    def run_node(self, n: Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as err:
+            where = source_of(n)
+            location = f" ({where})" if where else ""
+            raise TraceError(
+                f"running the example inputs failed at node '{n.name}'{location}: "
+                f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}",
+                hint="check that example_inputs have the shape and dtype the model expects",
+            ) from err
+        n.meta["tensor_meta"] = _tensor_meta(result)
+        return result
+
+
+def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
+    """Run ``example_inputs`` through ``gm`` and store each node's ``tensor_meta``.
+
+    Example::
+
+        propagate_shapes(gm, (torch.randn(1, 3, 224, 224),))
+    """
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*example_inputs)

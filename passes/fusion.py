@@ -1,0 +1,224 @@
+"""Conv-BN-ReLU fusion: ``BN(Conv(x)) -> Conv'(x)`` and ``ReLU(Conv'(x)) -> ConvReLU(x)``.
+
+Two rules, applied in graph order:
+
+* ``fold_batchnorm``: an eval-mode BatchNorm1d/2d/3d whose input is a Conv1d/2d/3d (or a
+  Linear with a 2-D output, for BatchNorm1d) is folded into that layer's weight and bias,
+  computed in float64. It does not apply when the layer's output is used elsewhere too,
+  when the layer is called from more than one place, or when the BatchNorm has no running
+  statistics; ``fxcomp dump --explain`` says which.
+* ``group_relu``: a ReLU (module, function or method) after a Conv or Linear becomes one
+  ``ConvReLU``/``LinearReLU`` module at the layer's name, and ``relu(a + b)`` becomes one
+  ``add_relu(a, b)`` node, so that quantization treats each as one unit.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcomp.context import CompileContext
+from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from fxcomp.graph import module_of, replace_module, target_name
+from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
+
+__all__ = ["FuseOptions", "fold_batchnorm_", "fuse", "fuse_conv_bn_relu"]
+
+_CONV_FOR_BN = {
+    nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
+    nn.BatchNorm2d: (nn.Conv2d,),
+    nn.BatchNorm3d: (nn.Conv3d,),
+}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+@dataclass(frozen=True)
+class FuseOptions:
+    """Which of the two rewrites ``fuse`` makes."""
+
+    fold_batchnorm: bool = True
+    group_relu: bool = True
+
+
+def fold_batchnorm_(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, bn: nn.Module) -> None:
+    """Fold an eval-mode ``bn`` into ``layer`` in place, so that ``layer(x)`` is ``bn(layer(x))``.
+
+    The per-channel scale and shift are computed in float64 and applied once in the layer's
+    dtype: one rounding per weight.
+
+    Example::
+
+        fold_batchnorm_(conv, bn)   # conv(x) now equals the old bn(conv(x)) up to rounding
+    """
+    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv_std)
+    scale = gamma * inv_std
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
+    dtype = layer.weight.dtype
+    new_bias = ((bias - bn.running_mean.double()) * scale + beta).to(dtype)
+    with torch.no_grad():
+        layer.weight.mul_(scale.to(dtype).reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(new_bias, requires_grad=layer.weight.requires_grad)
+        else:
+            layer.bias.copy_(new_bias)
+
+
+def _single_caller(gm: GraphModule, producer: Node) -> NoMatch | None:
+    others = [user.name for user in producer.users]
+    if len(others) > 1:
+        return NoMatch(
+            f"the output of '{producer.name}' is also used by "
+            f"{', '.join(repr(u) for u in others)}; fusing would change what they see"
+        )
+    if producer.op != "call_module":
+        return None
+    layer = gm.get_submodule(str(producer.target))
+    calls = [n for n in gm.graph.find_nodes(op="call_module") if module_of(gm, n) is layer]
+    if len(calls) > 1:
+        return NoMatch(
+            f"module '{producer.target}' is called from {len(calls)} places; "
+            "fusing would change the other calls"
+        )
+    owners = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is layer.weight]
+    if len(owners) > 1:
+        return NoMatch(f"the weight of '{producer.target}' is shared with {owners}")
+    return None
+
+
+def _is_batchnorm(gm: GraphModule, node: Node) -> bool:
+    return type(module_of(gm, node)) in _CONV_FOR_BN
+
+
+def _match_batchnorm(gm: GraphModule, node: Node) -> tuple[Node, Node] | NoMatch:
+    bn = gm.get_submodule(str(node.target))
+    producer = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not isinstance(producer, Node):
+        return NoMatch("BatchNorm input is not a single graph value")
+    layer = module_of(gm, producer)
+    if type(layer) not in _CONV_FOR_BN[type(bn)]:
+        return NoMatch(
+            f"input comes from '{producer.name}' ({target_name(gm, producer)}), "
+            f"not a {' or '.join(t.__name__ for t in _CONV_FOR_BN[type(bn)])}"
+        )
+    if isinstance(layer, nn.Linear):
+        meta = producer.meta.get("tensor_meta")
+        if meta is None or len(meta.shape) != 2:
+            return NoMatch(
+                "BatchNorm1d after a Linear folds only for a 2-D (batch, features) output"
+            )
+    if not bn.track_running_stats or bn.running_var is None:
+        return NoMatch("BatchNorm has no running statistics (track_running_stats=False)")
+    if not layer.weight.dtype.is_floating_point:
+        return NoMatch(f"layer weight is {layer.weight.dtype}, not floating point")
+    return _single_caller(gm, producer) or (producer, node)
+
+
+def _rewrite_batchnorm(gm: GraphModule, found: tuple[Node, Node]) -> list[Node]:
+    producer, node = found
+    fold_batchnorm_(gm.get_submodule(str(producer.target)), gm.get_submodule(str(node.target)))
+    node.replace_all_uses_with(producer)
+    gm.graph.erase_node(node)
+    return [producer]
+
+
+def _is_relu(gm: GraphModule, node: Node) -> bool:
+    if node.op == "call_module":
+        return type(module_of(gm, node)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _is_add(node: Node) -> bool:
+    tensors = len(node.args) == 2 and all(isinstance(a, Node) for a in node.args)
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS and tensors and not node.kwargs
+    return node.op == "call_method" and node.target == "add" and tensors and not node.kwargs
+
+
+def _match_relu(gm: GraphModule, node: Node) -> Node | NoMatch:
+    producer = node.args[0] if node.args else None
+    if not isinstance(producer, Node):
+        return NoMatch("ReLU input is not a graph value")
+    layer = module_of(gm, producer)
+    if type(layer) in _CONV_FOR_BN:
+        return NoMatch(f"input is BatchNorm '{producer.name}', which was not folded")
+    if type(layer) not in (*_CONVS, nn.Linear) and not _is_add(producer):
+        return NoMatch(
+            f"input comes from '{producer.name}' ({target_name(gm, producer)}), "
+            "not a Conv, Linear or tensor add"
+        )
+    return _single_caller(gm, producer) or producer
+
+
+def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
+    relu = next(iter(producer.users))
+    layer = module_of(gm, producer)
+    if layer is not None:
+        fused = LinearReLU(layer) if isinstance(layer, nn.Linear) else ConvReLU(layer)
+        replace_module(gm, str(producer.target), fused)
+        relu.replace_all_uses_with(producer)
+        gm.graph.erase_node(relu)
+        return [producer]
+    with gm.graph.inserting_before(relu):
+        node = gm.graph.call_function(add_relu, tuple(producer.args))
+    node.meta = {**relu.meta, "stack_trace": producer.meta.get("stack_trace")}
+    relu.replace_all_uses_with(node)
+    gm.graph.erase_node(relu)
+    gm.graph.erase_node(producer)
+    return [node]
+
+
+FOLD_BATCHNORM = Rule("fold_batchnorm", _is_batchnorm, _match_batchnorm, _rewrite_batchnorm)
+GROUP_RELU = Rule("group_relu", _is_relu, _match_relu, _rewrite_relu)
+
+
+def _rules(options: FuseOptions) -> list[Rule]:
+    return [
+        rule
+        for rule, wanted in (
+            (FOLD_BATCHNORM, options.fold_batchnorm),
+            (GROUP_RELU, options.group_relu),
+        )
+        if wanted
+    ]
+
+
+def fuse_conv_bn_relu(
+    gm: GraphModule, ctx: CompileContext, *, options: FuseOptions = FuseOptions()
+) -> PassResult:
+    """Fold BatchNorm into Conv/Linear and group ReLU with its producer (module docstring)."""
+    count = apply_rules(gm, ctx, _rules(options))
+    if count:
+        gm.delete_all_unused_submodules()
+    return PassResult(gm, modified=count > 0)
+
+
+def fuse(*, fold_batchnorm: bool = True, group_relu: bool = True) -> Pass:
+    """Fold BatchNorm into the preceding Conv/Linear and group conv/linear/add with ReLU.
+
+    Example::
+
+        fxcomp.compile(model, x, passes=[fxcomp.passes.fuse()])
+    """
+    options = FuseOptions(fold_batchnorm=fold_batchnorm, group_relu=group_relu)
+
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return fuse_conv_bn_relu(gm, ctx, options=options)
+
+    def converged(gm: GraphModule, ctx: CompileContext) -> str | None:
+        left = pending_rewrites(gm, _rules(options))
+        return f"rules still apply: {left}" if left else None
+
+    return Pass("fuse", run, run_before=("quantize", "qat"), postcondition=converged)
