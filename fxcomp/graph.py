@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 
@@ -25,6 +26,7 @@ __all__ = [
     "target_name",
 ]
 
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>.*)')
 
 
@@ -33,11 +35,10 @@ def source_of(node: Node) -> str | None:
     trace = node.meta.get("stack_trace")
     if not trace:
         return None
-    frames = _FRAME.findall(trace)
-    if not frames:
-        return None
-    file, line, _fn, code = frames[-1]
-    return f"{file}:{line} `{code.strip()}`"
+    for file, line, _fn, code in reversed(_FRAME.findall(trace)):
+        if not file.startswith(_LIBRARY_DIRS):
+            return f"{file}:{line} `{code.strip()}`"
+    return None
 
 
 def module_of(gm: GraphModule, node: Node) -> nn.Module | None:

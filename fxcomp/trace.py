@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 import logging
 import os
 import traceback
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Interpreter, Node, Tracer
+from torch.fx import Graph, GraphModule, Interpreter, Node, Tracer
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
@@ -104,11 +105,21 @@ def trace(
         graph = tracer.trace(root, concrete_args=dict(concrete_args) if concrete_args else None)
     except Exception as err:
         raise _trace_error(err, tracer) from err
+    if concrete_args:
+        _default_to_concrete(root, graph, concrete_args)
     gm = GraphModule(tracer.root, graph, type(root).__name__)
     for node in gm.graph.nodes:
         node.meta["fxcomp_pass"] = "trace"
     propagate_shapes(gm, inputs)
     return gm
+
+
+def _default_to_concrete(root: nn.Module, graph: Graph, concrete_args: Mapping[str, Any]) -> None:
+    """Make each concrete argument the default of its placeholder, so the module runs without it."""
+    names = list(inspect.signature(root.forward).parameters)
+    for name, node in zip(names, graph.find_nodes(op="placeholder"), strict=False):
+        if name in concrete_args:
+            node.args = (concrete_args[name],)
 
 
 def _split_leaf_specs(
@@ -165,9 +176,9 @@ def _trace_error(err: Exception, tracer: _LeafTracer) -> TraceError:
     else:
         subject = f"the model's own forward ({type(tracer.root).__name__})"
         hint = (
-            "fix the forward argument that drives the control flow with "
-            "concrete_args={'name': value}, or move the untraceable code into a submodule "
-            "and list it in leaf_modules"
+            "if a forward argument drives this code, fix its value with "
+            "concrete_args={'name': value}; otherwise move the untraceable code into a "
+            "submodule and list it in leaf_modules"
         )
     return TraceError(f"cannot trace {subject}{where}: {reason}", hint=hint)
 

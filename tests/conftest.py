@@ -1,0 +1,66 @@
+"""Shared test helpers: small models with the patterns fxcomp rewrites."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcomp import CompileContext
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics, so that folding changes the weights."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    return model
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: the tolerance measure the tests state."""
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+class ResidualNet(nn.Module):
+    """conv-bn-relu stem, a residual block with add+relu, and a linear-bn1d-relu head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 6)
+        self.fc_bn = nn.BatchNorm1d(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem_bn(self.stem(x)))
+        y = self.bn(self.conv(x))
+        x = torch.relu(x + y)
+        x = x.mean(dim=(2, 3))
+        return self.out(self.fc_bn(self.fc(x)).relu())
+
+
+@pytest.fixture
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_batchnorm(ResidualNet()).eval()
+
+
+@pytest.fixture
+def image() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def ctx(image: torch.Tensor) -> CompileContext:
+    return CompileContext(example_inputs=(image,))

@@ -1,0 +1,203 @@
+"""fuse: BN folding and ReLU grouping; structure, honest `modified`, idempotence, numerics.
+
+Numerical tolerance: outputs agree within 1e-5 relative (max abs difference over max abs
+reference): folding rounds each weight once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fxcomp.passes import fuse
+from torch import nn
+
+import fxcomp
+from fxcomp import PassManager
+from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from tests.conftest import randomize_batchnorm, relative_error
+
+TOLERANCE = 1e-5
+
+
+def modules_of(gm, kind):
+    return [name for name, m in gm.named_modules() if type(m) is kind]
+
+
+def run_fuse(model, x, **options):
+    return fxcomp.compile(model, x, passes=[fuse(**options)])
+
+
+def test_structure_after_fuse(residual_net, image):
+    gm = run_fuse(residual_net, image).module
+    assert not [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert modules_of(gm, ConvReLU) == ["stem"]
+    assert modules_of(gm, LinearReLU) == ["fc"]
+    assert modules_of(gm, nn.Conv2d) == ["stem.conv", "conv"]
+    assert len(gm.graph.find_nodes(op="call_function", target=add_relu)) == 1
+    assert not gm.graph.find_nodes(op="call_function", target=torch.relu)
+    made_by = {n.name: n.meta["fxcomp_pass"] for n in gm.graph.nodes if n.op == "call_module"}
+    assert made_by == {"stem": "fuse", "conv": "fuse", "fc": "fuse", "out": "trace"}
+    add = gm.graph.find_nodes(op="call_function", target=add_relu)[0]
+    assert add.meta["tensor_meta"].shape == (2, 8, 16, 16)
+
+
+def test_numerics(residual_net, image):
+    gm = run_fuse(residual_net, image).module
+    assert relative_error(gm(image), residual_net(image)) < TOLERANCE
+    other = torch.randn(5, 3, 11, 9)  # any shape the model accepts, not just the example
+    assert relative_error(gm(other), residual_net(other)) < TOLERANCE
+
+
+def test_second_run_changes_nothing(residual_net, image, ctx):
+    gm = run_fuse(residual_net, image).module
+    before = gm.code
+    result, records = PassManager([fuse()]).run(gm, ctx)
+    assert not records[0].modified and result.graph_module.code == before
+
+
+def test_modified_false_when_nothing_to_fuse(image):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid(), nn.AvgPool2d(2)).eval()
+    result = run_fuse(model, image)
+    assert not result.report.find("fuse").modified
+    assert result.module.code == fxcomp.trace(model, image).code
+
+
+def test_options_select_the_rules(residual_net, image):
+    folded = run_fuse(residual_net, image, group_relu=False).module
+    assert not modules_of(folded, ConvReLU) and not modules_of(folded, nn.BatchNorm2d)
+    grouped = run_fuse(residual_net, image, fold_batchnorm=False).module
+    assert modules_of(grouped, nn.BatchNorm2d) == ["stem_bn", "bn"]
+    assert not modules_of(grouped, ConvReLU)  # relu follows BN, which stays
+    assert len(grouped.graph.find_nodes(op="call_function", target=add_relu)) == 1
+
+
+class Tapped(nn.Module):
+    """The conv output feeds the BN and a second branch, so folding must not happen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_bn_with_shared_conv_output_is_not_folded_and_the_note_says_why(image):
+    model = randomize_batchnorm(Tapped()).eval()
+    result = run_fuse(model, image)
+    assert modules_of(result.module, nn.BatchNorm2d) == ["bn"]
+    assert relative_error(result.module(image), model(image)) < TOLERANCE
+    notes = [n for n in result.report.notes if n.rule == "fold_batchnorm"]
+    assert len(notes) == 1 and notes[0].node == "bn"
+    assert "the output of 'conv' is also used by 'bn', 'add'" in notes[0].reason
+    assert notes[0].source.endswith("`return self.bn(y) + y`")
+    table = fxcomp.render_graph(result.module, notes=result.report.notes)
+    assert "fold_batchnorm not applied at 'bn'" in table
+
+
+class Reused(nn.Module):
+    """One conv module called twice; one BN after the first call only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.conv(F.relu(self.bn(self.conv(x))))
+
+
+def test_module_called_twice_is_not_folded(image):
+    model = randomize_batchnorm(Reused()).eval()
+    x = torch.randn(1, 4, 8, 8)
+    result = run_fuse(model, x)
+    assert modules_of(result.module, nn.BatchNorm2d) == ["bn"]
+    assert relative_error(result.module(x), model(x)) < TOLERANCE
+    assert any("called from 2 places" in n.reason for n in result.report.notes)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(3, 3, 1)
+        self.b.weight = self.a.weight
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.b(self.bn(self.a(x)))
+
+
+def test_tied_weights_are_not_folded(image):
+    model = randomize_batchnorm(Tied()).eval()
+    result = run_fuse(model, image)
+    assert relative_error(result.module(image), model(image)) < TOLERANCE
+    assert any("is shared with" in n.reason for n in result.report.notes)
+
+
+def test_linear_bn1d_folds_only_for_2d_outputs():
+    seq = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(4)).eval()  # BN over dim 1 of (N, 4, 5)
+    randomize_batchnorm(seq)
+    x = torch.randn(3, 4, 6)
+    result = run_fuse(seq, x)
+    assert modules_of(result.module, nn.BatchNorm1d) == ["1"]
+    assert "2-D (batch, features)" in result.report.notes[0].reason
+    assert relative_error(result.module(x), seq(x)) < TOLERANCE
+
+
+def test_conv1d_conv3d_and_bias_free_convs_fold():
+    for conv, bn, x in (
+        (nn.Conv1d(3, 4, 3, bias=False), nn.BatchNorm1d(4), torch.randn(2, 3, 10)),
+        (nn.Conv3d(3, 4, 3), nn.BatchNorm3d(4, affine=False), torch.randn(2, 3, 5, 5, 5)),
+        (nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), torch.randn(2, 4, 6, 6)),
+    ):
+        model = randomize_batchnorm(nn.Sequential(conv, bn, nn.ReLU())).eval()
+        gm = run_fuse(model, x).module
+        assert modules_of(gm, ConvReLU) == ["0"], type(conv)
+        assert relative_error(gm(x), model(x)) < TOLERANCE
+
+
+def test_conv_transpose_and_train_mode_stats_are_left_alone(image):
+    model = nn.Sequential(
+        nn.ConvTranspose2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 4, 1),
+        nn.BatchNorm2d(4, track_running_stats=False),
+    ).eval()
+    result = run_fuse(model, image)
+    assert modules_of(result.module, nn.BatchNorm2d) == ["1", "3"]
+    reasons = " | ".join(n.reason for n in result.report.notes)
+    assert "not a Conv2d" in reasons and "no running statistics" in reasons
+    assert relative_error(result.module(image), model(image)) < TOLERANCE
+
+
+class ReluForms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.l1 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x), inplace=True)
+        x = self.c2(x).relu_()
+        x = torch.relu(self.c3(x) + x)
+        return self.l1(x).relu()
+
+
+def test_every_relu_form_is_grouped(image):
+    model = ReluForms().eval()
+    result = run_fuse(model, image)
+    gm = result.module
+    assert modules_of(gm, ConvReLU) == ["c1", "c2"] and modules_of(gm, LinearReLU) == ["l1"]
+    assert len(gm.graph.find_nodes(op="call_function", target=add_relu)) == 1
+    assert relative_error(gm(image), model(image)) < TOLERANCE
+
+
+def test_relu_after_other_ops_says_why(image):
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.MaxPool2d(2), nn.ReLU()).eval()
+    result = run_fuse(model, image)
+    assert not result.report.find("fuse").modified
+    (note,) = result.report.notes
+    assert note.rule == "group_relu" and "not a Conv, Linear or tensor add" in note.reason
