@@ -1,4 +1,6 @@
-"""dce and cse: structure, honest `modified`, idempotence, numerics (exact: no arithmetic changes)."""
+"""dce and cse: structure, honest `modified`, idempotence, and exact numerics
+(they change no arithmetic).
+"""
 
 from __future__ import annotations
 
