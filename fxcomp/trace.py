@@ -99,6 +99,7 @@ def trace(
             "model deep-copyable (no open files, locks or generators as attributes)",
         ) from err
     root.eval()
+    _drop_hooks(root)
     names, types = _split_leaf_specs(root, leaf_modules)
     tracer = _LeafTracer(names, types)
     try:
@@ -112,6 +113,20 @@ def trace(
         node.meta["fxcomp_pass"] = "trace"
     propagate_shapes(gm, inputs)
     return gm
+
+
+def _drop_hooks(root: nn.Module) -> None:
+    """Clear module hooks on the copy: a traced graph inlines most modules, so they would
+    fire for some and not others, and after fusion would see different values."""
+    hooked = []
+    for name, m in root.named_modules():
+        hooks = (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks, m._backward_pre_hooks)
+        if any(hooks):
+            hooked.append(name or type(root).__name__)
+            for hook_dict in hooks:
+                hook_dict.clear()
+    if hooked:
+        log.warning("module hooks on %s are not part of the compiled graph", ", ".join(hooked))
 
 
 def _default_to_concrete(root: nn.Module, graph: Graph, concrete_args: Mapping[str, Any]) -> None:

@@ -1,0 +1,148 @@
+"""The fxcomp command line, run as a user would: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parent / "cli_models.py"
+
+
+def fxcomp(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fxcomp", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def resnet18_dumps() -> dict[str, subprocess.CompletedProcess]:
+    return {
+        fmt: fxcomp("dump", "torchvision:resnet18", "--passes", "fuse", "--format", fmt)
+        for fmt in ("table", "code", "dot", "json")
+    }
+
+
+def test_table(resnet18_dumps):
+    run = resnet18_dumps["table"]
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["name", "op", "target", "inputs", "shape", "dtype", "pass"]
+    conv1 = next(line for line in lines if line.startswith("conv1 "))
+    assert "ConvReLU" in conv1 and "1x64x112x112" in conv1 and "float32" in conv1
+    assert conv1.split()[-1] == "fuse"
+    assert "fuse" in run.stderr and "modified" in run.stderr  # the per-pass report
+
+
+def test_code(resnet18_dumps):
+    run = resnet18_dumps["code"]
+    assert run.returncode == 0, run.stderr
+    assert "def forward(self, x" in run.stdout and "fxcomp_fused_add_relu(" in run.stdout
+    compile(run.stdout, "<dump>", "exec")
+
+
+def test_dot(resnet18_dumps):
+    run = resnet18_dumps["dot"]
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.lstrip().startswith("digraph")
+    assert "conv1 -> maxpool" in run.stdout
+
+
+def test_json(resnet18_dumps):
+    run = resnet18_dumps["json"]
+    assert run.returncode == 0, run.stderr
+    data = json.loads(run.stdout)
+    nodes = {n["name"]: n for n in data["nodes"]}
+    assert nodes["fc"]["shape"] == "1x1000" and nodes["fc"]["inputs"] == ["flatten"]
+    assert nodes["add_relu"]["pass"] == "fuse"
+    assert not [n for n in data["nodes"] if "BatchNorm" in n["target"]]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("torchvision:resnet1", "torchvision has no model named 'resnet1'"),
+        ("resnet18", "model spec 'resnet18' is not SOURCE:NAME"),
+        ("no_such_package_xyz:Model", "cannot import 'no_such_package_xyz'"),
+        ("missing_file.py:Net", "no such file: missing_file.py"),
+    ],
+)
+def test_bad_model_spec_is_one_line_and_exit_2(spec, message):
+    run = fxcomp("dump", spec)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {message}")
+    assert len(lines) <= 2 and all(line.startswith(("error:", "hint:")) for line in lines)
+    assert "Traceback" not in run.stderr
+
+
+def test_bad_shape_and_unknown_pass_exit_2():
+    run = fxcomp("dump", "torchvision:resnet18", "--input-shape", "1,3,x")
+    assert run.returncode == 2 and run.stderr.startswith("error: input shape '1,3,x'")
+    run = fxcomp("dump", "torchvision:resnet18", "--passes", "fuse,quantise")
+    assert run.returncode == 2 and "unknown pass 'quantise'" in run.stderr
+    assert "built-in passes: fuse" in run.stderr
+
+
+def test_untraceable_model_from_a_file_names_the_line_and_the_way_out(tmp_path):
+    run = fxcomp("dump", f"{EXAMPLE}:Gated", "--input-shape", "1,3,8,8")
+    assert run.returncode == 2
+    assert "submodule 'gate' (Gate)" in run.stderr and "if x.sum() > 0:" in run.stderr
+    assert "--leaf gate" in run.stderr
+    run = fxcomp("dump", f"{EXAMPLE}:Gated", "--input-shape", "1,3,8,8", "--leaf", "gate")
+    assert run.returncode == 0, run.stderr
+    assert "gate (Gate)" in run.stdout
+
+
+def test_debug_shows_the_traceback():
+    run = fxcomp("--debug", "dump", "torchvision:resnet1")
+    assert run.returncode == 2 and "Traceback" in run.stderr
+
+
+def test_explain_shows_why_a_rule_did_not_apply():
+    run = fxcomp(
+        "dump", f"{EXAMPLE}:Tapped", "--input-shape", "1,3,8,8", "--passes", "fuse", "--explain"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Why rules did not apply:" in run.stdout
+    assert "fold_batchnorm not applied at 'bn'" in run.stdout
+    assert "the output of 'conv' is also used by 'bn', 'relu'" in run.stdout
+
+
+def test_after_each_writes_one_numbered_file_per_pass(tmp_path):
+    out = tmp_path / "dumps"
+    run = fxcomp(
+        "dump",
+        "torchvision:resnet18",
+        "--passes",
+        "fuse,cse,dce",
+        "--format",
+        "code",
+        "--after-each",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["00_trace.py", "01_fuse.py", "02_cse.py", "03_dce.py"]
+    assert "bn1" in (out / "00_trace.py").read_text()
+    assert "bn1" not in (out / "01_fuse.py").read_text()
+
+
+def test_passes_lists_the_built_in_passes():
+    run = fxcomp("passes")
+    assert run.returncode == 0
+    names = [line.split()[0] for line in run.stdout.splitlines()]
+    assert names == ["fuse", "cse", "dce"]
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "fxcomp"
+    run = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "dump" in run.stdout
