@@ -7,7 +7,7 @@ graph. ``apply_rules`` walks the graph once in order; the reasons it meets go to
 
 Example::
 
-    count = apply_rules(gm, ctx, [FOLD_BN, GROUP_RELU])
+    count = apply_rules(gm, ctx, rules)
 """
 
 from __future__ import annotations

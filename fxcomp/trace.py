@@ -20,13 +20,16 @@ import logging
 import os
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.fx import Graph, GraphModule, Interpreter, Node, Tracer
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
+from torch.utils._pytree import tree_map
 
 from fxcomp.errors import InputError, TraceError
 from fxcomp.graph import source_of
@@ -231,12 +234,42 @@ class _ShapeRecorder(Interpreter):
         return result
 
 
+class _OnMeta(nn.Module):
+    """Runs a graph's interpreter inside ``functional_call`` with meta-device state."""
+
+    def __init__(self, gm: GraphModule) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, *inputs: Any) -> Any:
+        return _ShapeRecorder(self.gm).run(*inputs)
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
 def propagate_shapes(gm: GraphModule, example_inputs: Sequence[Any]) -> None:
-    """Run ``example_inputs`` through ``gm`` and store each node's ``tensor_meta``.
+    """Store each node's ``tensor_meta`` from running ``example_inputs`` through ``gm``.
+
+    Shapes are computed on the meta device (no arithmetic, no memory); a graph that needs
+    real data for that (``.item()``, data-dependent shapes, tensors made on the CPU inside
+    forward) is run for real instead.
 
     Example::
 
         propagate_shapes(gm, (torch.randn(1, 3, 224, 224),))
     """
+    state = {
+        f"gm.{name}": t.to("meta")
+        for name, t in chain(
+            gm.named_parameters(remove_duplicate=False), gm.named_buffers(remove_duplicate=False)
+        )
+    }
     with torch.no_grad():
+        try:
+            functional_call(_OnMeta(gm), state, tuple(tree_map(_to_meta, list(example_inputs))))
+            return
+        except Exception as err:
+            log.debug("shape propagation on the meta device failed (%s); running for real", err)
         _ShapeRecorder(gm).run(*example_inputs)

@@ -14,7 +14,9 @@ Two rules, applied in graph order:
 
 from __future__ import annotations
 
+import functools
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -74,7 +76,28 @@ def fold_batchnorm_(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, bn: nn
             layer.bias.copy_(new_bias)
 
 
-def _single_caller(gm: GraphModule, producer: Node) -> NoMatch | None:
+@dataclass(frozen=True)
+class _Sharing:
+    """Modules registered under several names and parameters owned by several modules.
+
+    Computed once per run of the pass: folding works in place and grouping moves a layer
+    under its new ``ConvReLU``/``LinearReLU``, so neither creates new sharing.
+    """
+
+    modules: frozenset[int]
+    weights: frozenset[int]
+
+    @classmethod
+    def of(cls, gm: GraphModule) -> _Sharing:
+        modules = Counter(id(m) for _, m in gm.named_modules(remove_duplicate=False))
+        weights = Counter(id(p) for _, p in gm.named_parameters(remove_duplicate=False))
+        return cls(
+            frozenset(k for k, n in modules.items() if n > 1),
+            frozenset(k for k, n in weights.items() if n > 1),
+        )
+
+
+def _single_caller(gm: GraphModule, producer: Node, sharing: _Sharing) -> NoMatch | None:
     others = [user.name for user in producer.users]
     if len(others) > 1:
         return NoMatch(
@@ -84,15 +107,16 @@ def _single_caller(gm: GraphModule, producer: Node) -> NoMatch | None:
     if producer.op != "call_module":
         return None
     layer = gm.get_submodule(str(producer.target))
-    calls = [n for n in gm.graph.find_nodes(op="call_module") if module_of(gm, n) is layer]
-    if len(calls) > 1:
+    calls = len(gm.graph.find_nodes(op="call_module", target=producer.target))
+    if calls > 1:
         return NoMatch(
-            f"module '{producer.target}' is called from {len(calls)} places; "
+            f"module '{producer.target}' is called from {calls} places; "
             "fusing would change the other calls"
         )
-    owners = [name for name, p in gm.named_parameters(remove_duplicate=False) if p is layer.weight]
-    if len(owners) > 1:
-        return NoMatch(f"the weight of '{producer.target}' is shared with {owners}")
+    if id(layer) in sharing.modules:
+        return NoMatch(f"module '{producer.target}' is also registered under another name")
+    if id(layer.weight) in sharing.weights:
+        return NoMatch(f"the weight of '{producer.target}' is shared with another layer")
     return None
 
 
@@ -100,7 +124,7 @@ def _is_batchnorm(gm: GraphModule, node: Node) -> bool:
     return type(module_of(gm, node)) in _CONV_FOR_BN
 
 
-def _match_batchnorm(gm: GraphModule, node: Node) -> tuple[Node, Node] | NoMatch:
+def _match_batchnorm(sharing: _Sharing, gm: GraphModule, node: Node) -> tuple[Node, Node] | NoMatch:
     bn = gm.get_submodule(str(node.target))
     producer = node.args[0] if len(node.args) == 1 and not node.kwargs else None
     if not isinstance(producer, Node):
@@ -121,7 +145,7 @@ def _match_batchnorm(gm: GraphModule, node: Node) -> tuple[Node, Node] | NoMatch
         return NoMatch("BatchNorm has no running statistics (track_running_stats=False)")
     if not layer.weight.dtype.is_floating_point:
         return NoMatch(f"layer weight is {layer.weight.dtype}, not floating point")
-    return _single_caller(gm, producer) or (producer, node)
+    return _single_caller(gm, producer, sharing) or (producer, node)
 
 
 def _rewrite_batchnorm(gm: GraphModule, found: tuple[Node, Node]) -> list[Node]:
@@ -147,7 +171,7 @@ def _is_add(node: Node) -> bool:
     return node.op == "call_method" and node.target == "add" and tensors and not node.kwargs
 
 
-def _match_relu(gm: GraphModule, node: Node) -> Node | NoMatch:
+def _match_relu(sharing: _Sharing, gm: GraphModule, node: Node) -> Node | NoMatch:
     producer = node.args[0] if node.args else None
     if not isinstance(producer, Node):
         return NoMatch("ReLU input is not a graph value")
@@ -159,7 +183,7 @@ def _match_relu(gm: GraphModule, node: Node) -> Node | NoMatch:
             f"input comes from '{producer.name}' ({target_name(gm, producer)}), "
             "not a Conv, Linear or tensor add"
         )
-    return _single_caller(gm, producer) or producer
+    return _single_caller(gm, producer, sharing) or producer
 
 
 def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
@@ -180,26 +204,24 @@ def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
     return [node]
 
 
-FOLD_BATCHNORM = Rule("fold_batchnorm", _is_batchnorm, _match_batchnorm, _rewrite_batchnorm)
-GROUP_RELU = Rule("group_relu", _is_relu, _match_relu, _rewrite_relu)
-
-
-def _rules(options: FuseOptions) -> list[Rule]:
-    return [
-        rule
-        for rule, wanted in (
-            (FOLD_BATCHNORM, options.fold_batchnorm),
-            (GROUP_RELU, options.group_relu),
+def _rules(gm: GraphModule, options: FuseOptions) -> list[Rule]:
+    sharing = _Sharing.of(gm)
+    rules = []
+    if options.fold_batchnorm:
+        match = functools.partial(_match_batchnorm, sharing)
+        rules.append(Rule("fold_batchnorm", _is_batchnorm, match, _rewrite_batchnorm))
+    if options.group_relu:
+        rules.append(
+            Rule("group_relu", _is_relu, functools.partial(_match_relu, sharing), _rewrite_relu)
         )
-        if wanted
-    ]
+    return rules
 
 
 def fuse_conv_bn_relu(
     gm: GraphModule, ctx: CompileContext, *, options: FuseOptions = FuseOptions()
 ) -> PassResult:
     """Fold BatchNorm into Conv/Linear and group ReLU with its producer (module docstring)."""
-    count = apply_rules(gm, ctx, _rules(options))
+    count = apply_rules(gm, ctx, _rules(gm, options))
     if count:
         gm.delete_all_unused_submodules()
     return PassResult(gm, modified=count > 0)
@@ -218,7 +240,7 @@ def fuse(*, fold_batchnorm: bool = True, group_relu: bool = True) -> Pass:
         return fuse_conv_bn_relu(gm, ctx, options=options)
 
     def converged(gm: GraphModule, ctx: CompileContext) -> str | None:
-        left = pending_rewrites(gm, _rules(options))
+        left = pending_rewrites(gm, _rules(gm, options))
         return f"rules still apply: {left}" if left else None
 
     return Pass("fuse", run, run_before=("quantize", "qat"), postcondition=converged)
