@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import _get_qualified_name
 
 __all__ = [
+    "LIBRARY_DIRS",
     "module_of",
     "node_counts",
     "replace_module",
@@ -26,7 +27,8 @@ __all__ = [
     "target_name",
 ]
 
-_LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+# Frames from these folders are library code, not the user's source.
+LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>.*)')
 
 
@@ -36,7 +38,7 @@ def source_of(node: Node) -> str | None:
     if not trace:
         return None
     for file, line, _fn, code in reversed(_FRAME.findall(trace)):
-        if not file.startswith(_LIBRARY_DIRS):
+        if not file.startswith(LIBRARY_DIRS):
             return f"{file}:{line} `{code.strip()}`"
     return None
 

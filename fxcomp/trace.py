@@ -16,8 +16,9 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import linecache
 import logging
-import os
+import sys
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
@@ -32,14 +33,13 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_map
 
 from fxcomp.errors import InputError, TraceError
-from fxcomp.graph import source_of
+from fxcomp.graph import LIBRARY_DIRS, source_of
 
 __all__ = ["as_input_tuple", "propagate_shapes", "trace"]
 
 log = logging.getLogger(__name__)
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_FXCOMP_DIR = os.path.dirname(__file__)
+_COMPUTING_OPS = frozenset({"call_module", "call_function", "call_method", "get_attr"})
 
 LeafSpec = str | type[nn.Module]
 
@@ -58,13 +58,28 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
 
 
 class _LeafTracer(Tracer):
-    """A tracer that records stack traces and keeps the user's chosen modules opaque."""
+    """A tracer that records each node's source line and keeps chosen modules opaque."""
 
     def __init__(self, leaf_names: frozenset[str], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
-        self.record_stack_traces = True
         self._leaf_names = leaf_names
         self._leaf_types = leaf_types
+
+    def create_node(self, kind: str, *args: Any, **kwargs: Any) -> Node:
+        node = super().create_node(kind, *args, **kwargs)
+        if kind in _COMPUTING_OPS:
+            # Only the innermost frame outside torch and fxcomp: the line that made the node.
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
+                frame = frame.f_back
+            if frame is not None:
+                code = frame.f_code
+                line = linecache.getline(code.co_filename, frame.f_lineno).strip()
+                node.meta["stack_trace"] = (
+                    f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}\n'
+                    f"    {line}\n"
+                )
+        return node
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from fxcomp.fused import FusedModule
@@ -169,7 +184,7 @@ def _split_leaf_specs(
 def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
     frames = traceback.extract_tb(err.__traceback__)
     for frame in reversed(frames):
-        if not frame.filename.startswith((_TORCH_DIR, _FXCOMP_DIR)):
+        if not frame.filename.startswith(LIBRARY_DIRS):
             return frame
     return None
 
@@ -218,7 +233,47 @@ def _tensor_meta(value: Any) -> Any:
     return map_aggregate(value, one)
 
 
+# Exact torch.nn types whose output has the shape and dtype of their input. On the meta
+# device their kernels run as slow Python decompositions, so the recorder skips them there.
+_SHAPE_PRESERVING = frozenset(
+    {
+        nn.BatchNorm1d,
+        nn.BatchNorm2d,
+        nn.BatchNorm3d,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.SiLU,
+        nn.GELU,
+        nn.Sigmoid,
+        nn.Tanh,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.Mish,
+        nn.Identity,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+    }
+)
+
+
 class _ShapeRecorder(Interpreter):
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        first = args[0] if args else None
+        if (
+            isinstance(first, torch.Tensor)
+            and first.is_meta
+            and type(self.fetch_attr(target)) in _SHAPE_PRESERVING
+        ):
+            return torch.empty_like(first)
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n: Node) -> Any:
         try:
             result = super().run_node(n)
