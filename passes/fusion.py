@@ -3,10 +3,11 @@
 Two rules, applied in graph order:
 
 * ``fold_batchnorm``: an eval-mode BatchNorm1d/2d/3d whose input is a Conv1d/2d/3d (or a
-  Linear with a 2-D output, for BatchNorm1d) is folded into that layer's weight and bias,
-  computed in float64. It does not apply when the layer's output is used elsewhere too,
-  when the layer is called from more than one place, or when the BatchNorm has no running
-  statistics; ``fxcomp dump --explain`` says which.
+  Linear with a 2-D output, for BatchNorm1d) is folded into that layer's weight and bias
+  in place (the per-channel scale in float64, one rounding per weight). It does not apply
+  when the layer's output is used elsewhere too, when the layer is called from more than
+  one place or shares its weight, or when the BatchNorm has no running statistics;
+  ``fxcomp dump --explain`` says which.
 * ``group_relu``: a ReLU (module, function or method) after a Conv or Linear becomes one
   ``ConvReLU``/``LinearReLU`` module at the layer's name, and ``relu(a + b)`` becomes one
   ``add_relu(a, b)`` node, so that quantization treats each as one unit.
