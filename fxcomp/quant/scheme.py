@@ -1,0 +1,103 @@
+"""Quantization schemes: the integer grid a tensor is mapped to, per target engine.
+
+``x86``/``fbgemm``: activations uint8 affine (7-bit, ``reduce_range``, so that fbgemm's
+non-VNNI kernels cannot saturate), weights int8 symmetric per output channel.
+``qnnpack``: activations uint8 affine over the full range, weights int8 symmetric per
+output channel restricted to [-127, 127]. ``tensorrt``: activations int8 symmetric with
+zero point 0, weights int8 symmetric per channel in [-127, 127].
+
+Example::
+
+    activation, weight = scheme_for("x86")
+    scale, zero_point = activation.qparams(torch.tensor(-1.0), torch.tensor(3.0))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from fxcomp.errors import InputError
+
+__all__ = ["ENGINES", "Engine", "QScheme", "scheme_for"]
+
+
+@dataclass(frozen=True)
+class QScheme:
+    """An integer grid: dtype, [qmin, qmax], symmetric or affine, per tensor or per channel."""
+
+    dtype: torch.dtype
+    qmin: int
+    qmax: int
+    symmetric: bool
+    per_channel: bool = False
+    axis: int = 0
+
+    def qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (float32) and zero point (int64) that map [lo, hi] (widened to hold 0) onto
+        the grid; elementwise for per-channel ranges.
+
+        Example::
+
+            QScheme(torch.quint8, 0, 255, False).qparams(torch.tensor(0.0), torch.tensor(1.0))
+        """
+        lo = torch.clamp(lo.double(), max=0.0)
+        hi = torch.clamp(hi.double(), min=0.0)
+        eps = torch.finfo(torch.float32).eps
+        if self.symmetric:
+            bound = torch.maximum(-lo, hi)
+            scale = torch.clamp(bound / ((self.qmax - self.qmin) / 2), min=eps)
+            centre = 0 if self.dtype == torch.qint8 else (self.qmin + self.qmax + 1) // 2
+            zero_point = torch.full_like(scale, centre, dtype=torch.int64)
+        else:
+            scale = torch.clamp((hi - lo) / (self.qmax - self.qmin), min=eps)
+            zero_point = torch.clamp(
+                self.qmin - torch.round(lo / scale), self.qmin, self.qmax
+            ).to(torch.int64)
+        return scale.float(), zero_point
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The schemes an engine's kernels expect for activations and weights."""
+
+    name: str
+    activation: QScheme
+    weight: QScheme
+
+
+_UINT8_7BIT = QScheme(torch.quint8, 0, 127, symmetric=False)
+_UINT8 = QScheme(torch.quint8, 0, 255, symmetric=False)
+_INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
+_WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
+_WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
+
+ENGINES: dict[str, Engine] = {
+    "x86": Engine("x86", _UINT8_7BIT, _WEIGHT),
+    "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT),
+    "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW),
+    "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW),
+}
+
+
+def scheme_for(
+    engine: str, *, per_channel: bool = True, reduce_range: bool | None = None
+) -> tuple[QScheme, QScheme]:
+    """(activation scheme, weight scheme) for ``engine``; options override the defaults.
+
+    Example::
+
+        activation, weight = scheme_for("qnnpack", per_channel=False)
+    """
+    if engine not in ENGINES:
+        raise InputError(
+            f"unknown quantization engine '{engine}'", hint=f"choose one of {', '.join(ENGINES)}"
+        )
+    chosen = ENGINES[engine]
+    activation, weight = chosen.activation, chosen.weight
+    if reduce_range is not None and activation.dtype == torch.quint8:
+        activation = replace(activation, qmax=127 if reduce_range else 255)
+    if not per_channel:
+        weight = replace(weight, per_channel=False)
+    return activation, weight
