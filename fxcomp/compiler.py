@@ -16,20 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.atomic import write_atomic
+from fxcomp.backends import BACKENDS
 from fxcomp.context import AfterPassHook, BeforePassHook, CompileContext
-from fxcomp.errors import BackendError
+from fxcomp.errors import BackendError, InputError
 from fxcomp.graph import node_counts, state_size
 from fxcomp.pass_manager import PassManager
 from fxcomp.report import PassRecord, Report
 from fxcomp.trace import LeafSpec, as_input_tuple, trace
 
-__all__ = ["BACKENDS", "CompileResult", "compile"]
-
-BACKENDS: tuple[str, ...] = ()
+__all__ = ["CompileResult", "compile"]
 
 
 @dataclass
@@ -68,9 +68,10 @@ def compile(
     if backend is not None and backend not in BACKENDS:
         raise BackendError(
             f"no backend named {backend!r}",
-            hint=f"available: {', '.join(BACKENDS) or 'none yet'}; leave backend=None "
-            "to get the compiled GraphModule",
+            hint=f"available: {', '.join(BACKENDS)}; leave backend=None for the GraphModule",
         )
+    if backend is not None and output_dir is None:
+        raise InputError(f"backend {backend!r} writes files: give output_dir")
     manager = PassManager(passes)
     ctx = CompileContext(
         example_inputs=as_input_tuple(example_inputs),
@@ -97,10 +98,16 @@ def compile(
         bytes_after=bytes_after,
     )
     ctx.history.append("trace")
+    with torch.no_grad():
+        ctx.float_outputs = gm(*ctx.example_inputs)
     for hook in ctx.after_pass:
         hook(traced, gm, ctx)
     result, records = manager.run(gm, ctx)
     ctx.report.records = [traced, *records]
+    artifact = None
+    if backend is not None:
+        artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir))
+        ctx.report.artifacts.append(artifact.to_dict())
     if output_dir is not None:
         write_atomic(Path(output_dir) / "report.json", json.dumps(ctx.report.to_dict(), indent=2))
-    return CompileResult(result.graph_module, None, ctx.report)
+    return CompileResult(result.graph_module, artifact, ctx.report)

@@ -31,7 +31,9 @@ class CompileContext:
     """Example inputs, calibration data, target, report and hooks for one compile.
 
     ``history`` lists the qualified names of the passes that have finished, in order;
-    ``current_pass`` is the one running now.
+    ``current_pass`` is the one running now. ``float_outputs`` are the traced float model's
+    outputs on the example inputs, and ``reference_outputs`` the reference quantized graph's
+    (set by ``freeze``): backends verify their artifacts against both.
     """
 
     example_inputs: tuple[Any, ...]
@@ -43,6 +45,8 @@ class CompileContext:
     after_pass: list[AfterPassHook] = field(default_factory=list)
     history: list[str] = field(default_factory=list)
     current_pass: str = ""
+    float_outputs: Any = None
+    reference_outputs: Any = None
 
     def explain(self, node: Node, rule: str, reason: str) -> None:
         """Record why ``rule`` did not apply at ``node``; ``fxcomp dump --explain`` shows it."""

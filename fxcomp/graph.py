@@ -77,7 +77,12 @@ def node_counts(gm: GraphModule) -> dict[str, int]:
 
 
 def state_size(module: nn.Module) -> tuple[int, int]:
-    """(parameter count, bytes of parameters and buffers) of a module."""
+    """(parameter count, bytes of the saved state) of a module.
+
+    Quantized layers keep their weights packed rather than as parameters; their quantized
+    weights count as parameters too, at one byte per int8 element.
+    """
+    state = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor)]
     params = sum(p.numel() for p in module.parameters())
-    tensors: list[torch.Tensor] = [*module.parameters(), *module.buffers()]
-    return params, sum(t.numel() * t.element_size() for t in tensors)
+    params += sum(t.numel() for t in state if t.is_quantized)
+    return params, sum(t.numel() * t.element_size() for t in state)

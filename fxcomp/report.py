@@ -64,6 +64,7 @@ class Report:
 
     records: list[PassRecord] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def find(self, name: str) -> PassRecord | None:
         """The first record (depth first) of the pass called ``name``."""
@@ -80,6 +81,7 @@ class Report:
         return {
             "passes": [record.to_dict() for record in self.records],
             "notes": [asdict(note) for note in self.notes],
+            "artifacts": self.artifacts,
         }
 
     def __str__(self) -> str:
@@ -104,4 +106,9 @@ class Report:
         for record in self.records:
             add(record, 0)
         headers = ["pass", "modified", "ms", "nodes", "parameters", "MiB", "notes"]
-        return tabulate(rows, headers=headers, disable_numparse=True)
+        text = tabulate(rows, headers=headers, disable_numparse=True)
+        for artifact in self.artifacts:
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in artifact["parity"].items())
+            size = artifact["bytes"] / 2**20 if artifact["bytes"] else 0.0
+            text += f"\n{artifact['backend']}: {artifact['path']} ({size:.2f} MiB) {figures}"
+        return text

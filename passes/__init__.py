@@ -11,19 +11,33 @@ Example::
 
 from types import MappingProxyType
 
+from fxcomp.passes.calibration import calibrate, run_calibration
 from fxcomp.passes.common_subexpressions import cse, eliminate_common_subexpressions
 from fxcomp.passes.dead_code import dce, eliminate_dead_code
+from fxcomp.passes.freezing import freeze, freeze_qparams
 from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
+from fxcomp.passes.lowering import lower, lower_to_kernels
+from fxcomp.passes.observers import insert_observers, observe
+from fxcomp.passes.quantization import quantize
 
 __all__ = [
     "BUILTIN",
     "FuseOptions",
+    "calibrate",
     "cse",
     "dce",
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
+    "freeze",
+    "freeze_qparams",
     "fuse",
     "fuse_conv_bn_relu",
+    "insert_observers",
+    "lower",
+    "lower_to_kernels",
+    "observe",
+    "quantize",
+    "run_calibration",
 ]
 
 BUILTIN = MappingProxyType({"fuse": fuse, "cse": cse, "dce": dce})

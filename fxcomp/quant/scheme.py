@@ -14,18 +14,25 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
 from fxcomp.errors import InputError
 
-__all__ = ["ENGINES", "Engine", "QScheme", "scheme_for"]
+__all__ = ["ENGINES", "Engine", "QScheme", "packing_engine", "quantized_tensors", "scheme_for"]
 
 
 @dataclass(frozen=True)
 class QScheme:
-    """An integer grid: dtype, [qmin, qmax], symmetric or affine, per tensor or per channel."""
+    """An integer grid: dtype, [qmin, qmax], symmetric or affine, per tensor or per channel.
+
+    With ``reduce_range`` the scale is chosen for half the grid (7 bits), as fbgemm's
+    non-VNNI kernels need, while values are still stored, and clamped, on the whole grid.
+    """
 
     dtype: torch.dtype
     qmin: int
@@ -33,6 +40,7 @@ class QScheme:
     symmetric: bool
     per_channel: bool = False
     axis: int = 0
+    reduce_range: bool = False
 
     def qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale (float32) and zero point (int64) that map [lo, hi] (widened to hold 0) onto
@@ -52,9 +60,9 @@ class QScheme:
             zero_point = torch.full_like(scale, centre, dtype=torch.int64)
         else:
             scale = torch.clamp((hi - lo) / (self.qmax - self.qmin), min=eps)
-            zero_point = torch.clamp(
-                self.qmin - torch.round(lo / scale), self.qmin, self.qmax
-            ).to(torch.int64)
+            zero_point = torch.clamp(self.qmin - torch.round(lo / scale), self.qmin, self.qmax).to(
+                torch.int64
+            )
         return scale.float(), zero_point
 
 
@@ -67,7 +75,7 @@ class Engine:
     weight: QScheme
 
 
-_UINT8_7BIT = QScheme(torch.quint8, 0, 127, symmetric=False)
+_UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
 _UINT8 = QScheme(torch.quint8, 0, 255, symmetric=False)
 _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
@@ -97,7 +105,46 @@ def scheme_for(
     chosen = ENGINES[engine]
     activation, weight = chosen.activation, chosen.weight
     if reduce_range is not None and activation.dtype == torch.quint8:
-        activation = replace(activation, qmax=127 if reduce_range else 255)
+        activation = replace(activation, reduce_range=reduce_range)
     if not per_channel:
         weight = replace(weight, per_channel=False)
     return activation, weight
+
+
+@contextmanager
+def packing_engine(engine: str) -> Iterator[None]:
+    """Set torch's quantized engine while weights are packed for ``engine``, then restore it.
+
+    Example::
+
+        with packing_engine("qnnpack"):
+            qconv.set_weight_bias(qweight, bias)
+    """
+    backend = {"x86": "x86", "fbgemm": "fbgemm", "qnnpack": "qnnpack"}.get(engine)
+    if backend not in torch.backends.quantized.supported_engines:
+        raise InputError(
+            f"this torch build has no '{engine}' quantized engine",
+            hint=f"available: {', '.join(torch.backends.quantized.supported_engines)}",
+        )
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = backend
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+@contextmanager
+def quantized_tensors() -> Iterator[None]:
+    """Silence torch's deprecation warning for quantized tensors while fxcomp makes them.
+
+    The fbgemm/qnnpack kernels take quantized tensors; the TorchScript backend needs them.
+
+    Example::
+
+        with quantized_tensors():
+            q = torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        yield

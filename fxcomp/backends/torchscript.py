@@ -1,0 +1,122 @@
+"""TorchScript backend: the lowered graph as a frozen ``.pt`` for fbgemm/x86 or qnnpack.
+
+The file carries a manifest (``fxcomp.json`` extra file): the engine its weights were
+packed for (packed weights run with their own kernels whatever engine is set when they
+run) and the input shapes it was specialised for. ``load`` makes the first call with
+those shapes, because the x86/oneDNN quantized convolution tunes itself
+to the first input shape it sees (another batch size runs slower afterwards). The file is
+written beside its final name, loaded back and verified, and only then renamed into place.
+
+Example::
+
+    artifact = emit(lowered_gm, ctx, Path("out"))
+    model = load(artifact.path)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fxcomp.backends.artifact import Artifact
+from fxcomp.context import CompileContext
+from fxcomp.errors import BackendError, VerificationError
+from fxcomp.quant.reference import QuantDequant
+from fxcomp.quant.scheme import packing_engine, quantized_tensors
+from fxcomp.verify import parity
+
+__all__ = ["FILENAME", "emit", "load"]
+
+FILENAME = "model.pt"
+# Lowered kernels round differently from the reference graph; allow this many output steps.
+TOLERANCE_STEPS = 8
+
+
+def _engine(gm: GraphModule, ctx: CompileContext) -> str:
+    return gm.meta.get("fxcomp_engine") or ctx.engine or "x86"
+
+
+def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
+    """Script, freeze, save, reload and verify ``gm``; return the artifact in ``out_dir``."""
+    if any(isinstance(m, QuantDequant) for m in gm.modules()):
+        raise BackendError(
+            "the graph still holds Q/DQ steps: it was not lowered to quantized kernels",
+            hint="end the pipeline with quantize(...) for engine x86, fbgemm or qnnpack",
+        )
+    engine = _engine(gm, ctx)
+    shapes = [list(t.shape) for t in ctx.example_inputs if isinstance(t, torch.Tensor)]
+    manifest = {
+        "format": 1,
+        "engine": engine,
+        "specialised_for": shapes,
+        "torch": torch.__version__,
+    }
+    try:
+        with packing_engine(engine), quantized_tensors(), torch.no_grad():
+            scripted = torch.jit.freeze(torch.jit.trace(gm.eval(), ctx.example_inputs).eval())
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer, _extra_files={"fxcomp.json": json.dumps(manifest)})
+    except Exception as err:
+        raise BackendError(f"TorchScript export failed: {type(err).__name__}: {err}") from err
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(buffer.getvalue())
+        loaded = load(Path(tmp))
+        with torch.no_grad():
+            outputs = loaded(*ctx.example_inputs)
+        figures = parity(
+            outputs, float_outputs=ctx.float_outputs, reference_outputs=ctx.reference_outputs
+        )
+        _verify(gm, figures)
+        path = out_dir / FILENAME
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Artifact("torchscript", path, manifest, figures)
+
+
+def _verify(gm: GraphModule, figures: dict[str, float]) -> None:
+    """The artifact must agree with the reference graph to within a few output steps."""
+    error = figures.get("max_abs_error_vs_reference")
+    scales = [s for s in gm.meta.get("fxcomp_output_scales", []) if s is not None]
+    if error is None or not scales:
+        return
+    if error > TOLERANCE_STEPS * max(scales):
+        raise VerificationError(
+            f"the TorchScript output differs from the reference graph by {error:.4g}, "
+            f"more than {TOLERANCE_STEPS} output quantization steps of {max(scales):.4g}",
+        )
+
+
+def load(path: Path, input_shapes: Sequence[Sequence[int]] | None = None) -> Any:
+    """Load a ``.pt`` written by ``emit`` and make its first call on its input shapes.
+
+    ``input_shapes`` re-specialises it for other shapes (another batch size).
+
+    Example::
+
+        model = load(Path("out/model.pt"), input_shapes=[[8, 3, 224, 224]])
+    """
+    files = {"fxcomp.json": ""}
+    try:
+        with quantized_tensors():
+            module = torch.jit.load(str(path), _extra_files=files)
+    except Exception as err:
+        raise BackendError(f"cannot load {path}: {err}") from err
+    manifest = json.loads(files["fxcomp.json"] or "{}")
+    shapes = input_shapes or manifest.get("specialised_for") or []
+    with torch.no_grad():
+        if shapes:
+            module(*(torch.zeros(shape) for shape in shapes))
+    return module

@@ -1,0 +1,163 @@
+"""How each graph node takes part in quantization: one table, shared by every quantize pass.
+
+* ``weighted``: Conv/Linear (fused with ReLU or not): weight quantized, own output grid.
+* ``binary``, ``cat``, ``hardswish``: quantized kernels with their own output grid.
+* ``fixed``: sigmoid and hardsigmoid, whose quantized kernels output a fixed grid.
+* ``shared``: ops that run on quantized tensors exactly and keep the input's grid (max
+  pooling, ReLU, clamps, reshapes, dropout in eval).
+* ``requant``: ops that keep the input's grid but round again (average pooling, mean).
+* ``float``: everything else; it runs in float between a dequantize and a quantize.
+
+Example::
+
+    kinds = {node.name: kind_of(gm, node) for node in gm.graph.nodes}
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+
+__all__ = ["KINDS", "SkipSpec", "kind_of", "op_name", "tensor_inputs"]
+
+KINDS = ("weighted", "binary", "cat", "hardswish", "fixed", "shared", "requant", "float")
+SkipSpec = str | type[nn.Module]
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ConvReLU, LinearReLU)
+_MODULES = {
+    "hardswish": (nn.Hardswish,),
+    "fixed": (nn.Sigmoid, nn.Hardsigmoid),
+    "shared": (
+        nn.MaxPool1d,
+        nn.MaxPool2d,
+        nn.MaxPool3d,
+        nn.ReLU,
+        nn.ReLU6,
+        nn.Hardtanh,
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.Identity,
+        nn.Flatten,
+    ),
+    "requant": (
+        nn.AdaptiveAvgPool1d,
+        nn.AdaptiveAvgPool2d,
+        nn.AdaptiveAvgPool3d,
+        nn.AvgPool1d,
+        nn.AvgPool2d,
+        nn.AvgPool3d,
+    ),
+}
+_FUNCTIONS = {
+    "binary": {operator.add, torch.add, operator.mul, torch.mul, add_relu},
+    "cat": {torch.cat},
+    "hardswish": {F.hardswish},
+    "fixed": {torch.sigmoid, F.sigmoid, F.hardsigmoid},
+    "shared": {
+        torch.relu,
+        torch.relu_,
+        F.relu,
+        F.relu6,
+        F.hardtanh,
+        torch.flatten,
+        F.max_pool1d,
+        F.max_pool2d,
+        F.max_pool3d,
+        F.dropout,
+        torch.reshape,
+        torch.transpose,
+        torch.permute,
+        torch.chunk,
+        torch.split,
+        torch.squeeze,
+        torch.unsqueeze,
+        operator.getitem,
+    },
+    "requant": {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.avg_pool2d, torch.mean},
+}
+_METHODS = {
+    "binary": {"add", "mul"},
+    "fixed": {"sigmoid"},
+    "shared": {
+        "relu",
+        "relu_",
+        "flatten",
+        "view",
+        "reshape",
+        "permute",
+        "transpose",
+        "contiguous",
+        "chunk",
+        "split",
+        "squeeze",
+        "unsqueeze",
+        "clamp",
+    },
+    "requant": {"mean"},
+}
+
+
+def op_name(gm: GraphModule, node: Node) -> str:
+    """The name ``skip`` matches for a non-module node: function or method name."""
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def tensor_inputs(node: Node) -> list[Node]:
+    """The input nodes that carry tensors (not sizes or other Python values)."""
+    return [n for n in node.all_input_nodes if _is_tensor(n)]
+
+
+def _is_tensor(node: Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return False
+    if hasattr(meta, "shape"):  # TensorMetadata, itself a NamedTuple
+        return True
+    return isinstance(meta, (tuple, list)) and bool(meta) and all(hasattr(m, "shape") for m in meta)
+
+
+def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
+    module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    for spec in skip:
+        if isinstance(spec, type) and module is not None and isinstance(module, spec):
+            return True
+        if isinstance(spec, str) and (
+            (
+                module is not None
+                and (node.target == spec or str(node.target).startswith(spec + "."))
+            )
+            or (module is None and op_name(gm, node) == spec)
+        ):
+            return True
+    return False
+
+
+def kind_of(gm: GraphModule, node: Node, skip: Iterable[SkipSpec] = ()) -> str:
+    """The quantization kind of ``node`` (one of ``KINDS``); skipped nodes are ``float``."""
+    if node.op not in ("call_module", "call_function", "call_method") or not _is_tensor(node):
+        return "float"
+    if _skipped(gm, node, skip):
+        return "float"
+    if node.op == "call_module":
+        module = gm.get_submodule(str(node.target))
+        if type(module) in _WEIGHTED:
+            return "weighted"
+        return next((k for k, types in _MODULES.items() if type(module) in types), "float")
+    table = _FUNCTIONS if node.op == "call_function" else _METHODS
+    kind = next((k for k, targets in table.items() if node.target in targets), "float")
+    if kind == "binary" and (len(tensor_inputs(node)) != 2 or node.kwargs):
+        return "float"  # scalar operands, alpha=... and friends stay float
+    if kind == "cat" and node.kwargs.get("out") is not None:
+        return "float"
+    return kind

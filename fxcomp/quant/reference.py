@@ -1,0 +1,132 @@
+"""The reference quantized graph: float ops whose quantized edges pass through Q/DQ steps.
+
+``QuantDequant`` is a fixed per-tensor quantize->dequantize on an activation edge.
+``QuantizedWeightLayer`` wraps a Conv/Linear (or a fused ``ConvReLU``/``LinearReLU``) and
+runs it with its weight quantized per output channel (or per tensor). Both are plain float
+computations on core torch ops, so the reference graph runs in Python, is the numerical
+reference for every backend, and exports to ONNX as QuantizeLinear/DequantizeLinear.
+
+Example::
+
+    qdq = QuantDequant(torch.tensor(0.02), torch.tensor(0), activation_scheme)
+    layer = QuantizedWeightLayer(conv, weight_scheme)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxcomp.fused import ConvReLU, FusedModule, LinearReLU
+from fxcomp.quant.scheme import QScheme
+
+__all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` on ``scheme``'s grid, per tensor or per channel.
+
+    Example::
+
+        fake_quantize(w, scale, zero_point, weight_scheme)
+    """
+    if scale.dim() == 0:
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale, zero_point.int(), scheme.qmin, scheme.qmax
+        )
+    return torch.fake_quantize_per_channel_affine(
+        x, scale, zero_point.int(), scheme.axis, scheme.qmin, scheme.qmax
+    )
+
+
+class QuantDequant(FusedModule):
+    """A fixed quantize->dequantize step on an activation edge.
+
+    Example::
+
+        QuantDequant(torch.tensor(0.1), torch.tensor(128), scheme)(x)
+    """
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme) -> None:
+        super().__init__()
+        self.scheme = scheme
+        self.register_buffer("scale", scale.detach().float().reshape(()))
+        self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, self.scheme)
+
+    def extra_repr(self) -> str:
+        scale, zero_point = float(self.scale), int(self.zero_point)
+        return f"scale={scale:.6g}, zero_point={zero_point}, dtype={self.scheme.dtype}"
+
+
+def _weighted(layer: nn.Module) -> nn.Module:
+    return (
+        layer.conv
+        if isinstance(layer, ConvReLU)
+        else layer.linear
+        if isinstance(layer, LinearReLU)
+        else layer
+    )
+
+
+class QuantizedWeightLayer(FusedModule):
+    """A Conv/Linear (fused with ReLU or not) run with its weight on ``scheme``'s grid.
+
+    The weight's qparams come from its range (symmetric, per output channel when the scheme
+    says so); ``scheme.per_channel`` decides. The float weight is kept, so the layer can be
+    re-quantized or exported.
+
+    Example::
+
+        QuantizedWeightLayer(nn.Linear(4, 2), weight_scheme)(torch.randn(3, 4))
+    """
+
+    def __init__(self, layer: nn.Module, scheme: QScheme) -> None:
+        super().__init__()
+        inner = _weighted(layer)
+        if not isinstance(inner, (*_CONVS, nn.Linear)):
+            raise TypeError(f"cannot quantize the weight of {type(layer).__name__}")
+        self.layer = layer
+        self.scheme = scheme
+        self.relu = isinstance(layer, (ConvReLU, LinearReLU))
+        weight = inner.weight.detach()
+        if scheme.per_channel:
+            flat = weight.reshape(weight.shape[0], -1)
+            lo, hi = flat.amin(1), flat.amax(1)
+        else:
+            lo, hi = weight.min(), weight.max()
+        scale, zero_point = scheme.qparams(lo, hi)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point.to(torch.int32))
+
+    @property
+    def weighted(self) -> nn.Module:
+        """The Conv or Linear inside."""
+        return _weighted(self.layer)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as a quantized tensor (per channel or per tensor)."""
+        weight = self.weighted.weight.detach()
+        if self.weight_scale.dim() == 0:
+            return torch.quantize_per_tensor(
+                weight, float(self.weight_scale), int(self.weight_zero_point), self.scheme.dtype
+            )
+        return torch.quantize_per_channel(
+            weight, self.weight_scale.double(), self.weight_zero_point.long(), 0, self.scheme.dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inner = self.weighted
+        weight = fake_quantize(inner.weight, self.weight_scale, self.weight_zero_point, self.scheme)
+        if isinstance(inner, nn.Linear):
+            y = F.linear(x, weight, inner.bias)
+        else:
+            y = inner._conv_forward(x, weight, inner.bias)
+        return torch.relu(y) if self.relu else y

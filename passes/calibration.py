@@ -1,0 +1,88 @@
+"""Calibration: run representative batches through the observed graph; the graph is unchanged,
+the observers' statistics are what changes.
+
+``data`` is any iterable of batches: a tensor, a tuple of inputs, or a ``(inputs..., label)``
+tuple as a ``DataLoader`` yields (extra trailing items are ignored). Each batch must match
+the example inputs in dtype and in every dimension but the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from tqdm import tqdm
+
+from fxcomp.context import CompileContext
+from fxcomp.errors import InputError
+from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.quant.observers import Observer
+
+__all__ = ["calibrate", "run_calibration"]
+
+
+def _inputs(batch: Any, count: int, index: int) -> tuple[Any, ...]:
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and len(batch) >= count:
+        return tuple(batch[:count])
+    raise InputError(
+        f"calibration batch {index} is a {type(batch).__name__}, not a tensor or a tuple "
+        f"of {count} input(s)",
+        hint="yield tensors, or tuples (inputs..., label) as a DataLoader does",
+    )
+
+
+def _check(inputs: tuple[Any, ...], examples: tuple[Any, ...], index: int) -> None:
+    for position, (got, want) in enumerate(zip(inputs, examples, strict=False)):
+        if not isinstance(want, torch.Tensor):
+            continue
+        if (
+            not isinstance(got, torch.Tensor)
+            or got.dtype != want.dtype
+            or got.shape[1:] != want.shape[1:]
+        ):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise InputError(
+                f"calibration batch {index}, input {position}: got {shape} "
+                f"{getattr(got, 'dtype', '')}, but the example input is {tuple(want.shape)} "
+                f"{want.dtype}",
+                hint="calibrate with data shaped like the example inputs (any batch size)",
+            )
+
+
+def run_calibration(
+    gm: GraphModule, ctx: CompileContext, *, data: Iterable[Any], progress: bool = True
+) -> PassResult:
+    """Run every batch of ``data`` through ``gm`` so that its observers see it."""
+    if not any(isinstance(m, Observer) for m in gm.modules()):
+        raise InputError("the graph has no observers", hint="run insert_observers before calibrate")
+    count = sum(1 for n in gm.graph.find_nodes(op="placeholder") if not n.args)
+    seen = 0
+    with torch.no_grad():
+        for index, batch in enumerate(
+            tqdm(data, desc="calibrate", unit="batch", disable=not progress or None)
+        ):
+            inputs = _inputs(batch, count, index)
+            _check(inputs, ctx.example_inputs, index)
+            gm(*inputs)
+            seen += 1
+    if not seen:
+        raise InputError("the calibration data is empty", hint="pass at least one batch")
+    return PassResult(gm, modified=True)
+
+
+def calibrate(data: Iterable[Any], *, progress: bool = True) -> Pass:
+    """Run calibration batches through the observed graph, with a progress bar.
+
+    Example::
+
+        passes=[fuse(), observe(), calibrate(loader), freeze()]
+    """
+
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return run_calibration(gm, ctx, data=data, progress=progress)
+
+    return Pass("calibrate", run, run_after=("insert_observers",))

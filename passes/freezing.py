@@ -1,0 +1,98 @@
+"""Freezing: observers become fixed Q/DQ steps; the result is the reference quantized graph.
+
+``observe(x) -> QuantDequant(scale, zero_point)(x)`` with the observer's qparams;
+``Conv(x) -> QuantizedWeightLayer(Conv)(x)`` (weight quantized per output channel) where
+the layer's input is quantized; and after ops that keep their input's grid but round again
+(average pooling, mean) a Q/DQ on that grid, so that the reference rounds where the
+quantized kernels do. An observer that saw no data is an error: calibrate first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxcomp.context import CompileContext
+from fxcomp.errors import InputError
+from fxcomp.graph import module_of, replace_module
+from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.quant.observers import Observer
+from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
+from fxcomp.quant.scheme import scheme_for
+
+__all__ = ["FreezeOptions", "freeze", "freeze_qparams", "grid_of"]
+
+
+@dataclass(frozen=True)
+class FreezeOptions:
+    """The weight scheme's engine and granularity."""
+
+    engine: str = "x86"
+    per_channel: bool = True
+
+
+def grid_of(gm: GraphModule, node: Node) -> QuantDequant | None:
+    """The Q/DQ step whose grid ``node``'s value lies on, following grid-keeping ops back."""
+    while True:
+        module = module_of(gm, node)
+        if isinstance(module, QuantDequant):
+            return module
+        inputs = tensor_inputs(node)
+        if node.meta.get("fxcomp_quant") not in ("shared", "requant") or not inputs:
+            return None
+        node = inputs[0]
+
+
+def freeze_qparams(
+    gm: GraphModule, ctx: CompileContext, *, options: FreezeOptions = FreezeOptions()
+) -> PassResult:
+    """Turn the observed graph into the reference quantized graph (module docstring)."""
+    _, weight_scheme = scheme_for(options.engine, per_channel=options.per_channel)
+    changed = False
+    for node in list(gm.graph.nodes):
+        module = module_of(gm, node)
+        if isinstance(module, Observer):
+            if not module.batches:
+                raise InputError(
+                    f"observer '{node.target}' has seen no data",
+                    hint="run calibrate (or quantize(calibration_data)) before freeze",
+                )
+            replace_module(gm, str(node.target), QuantDequant(*module.qparams(), module.scheme))
+            changed = True
+    for node in list(gm.graph.nodes):
+        kind = node.meta.get("fxcomp_quant")
+        inputs = tensor_inputs(node)
+        if kind == "weighted" and inputs and grid_of(gm, inputs[0]) is not None:
+            layer = gm.get_submodule(str(node.target))
+            replace_module(gm, str(node.target), QuantizedWeightLayer(layer, weight_scheme))
+            changed = True
+        elif kind == "requant" and inputs and (grid := grid_of(gm, inputs[0])) is not None:
+            name = f"{node.name}_requant"
+            gm.add_submodule(name, QuantDequant(grid.scale, grid.zero_point, grid.scheme))
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(name, (node,))
+            new.meta = {**node.meta, "fxcomp_quant": "observer", "fxcomp_pass": ctx.current_pass}
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+            changed = True
+    gm.recompile()
+    with torch.no_grad():
+        ctx.reference_outputs = gm(*ctx.example_inputs)
+    return PassResult(gm, modified=changed)
+
+
+def freeze(*, engine: str = "x86", per_channel: bool = True) -> Pass:
+    """Fix the observed ranges as Q/DQ steps and quantize weights: the reference graph.
+
+    Example::
+
+        passes=[fuse(), observe(), calibrate(data), freeze()]
+    """
+    options = FreezeOptions(engine, per_channel)
+
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return freeze_qparams(gm, ctx, options=options)
+
+    return Pass("freeze", run, run_after=("calibrate",))

@@ -1,0 +1,63 @@
+"""Post-training static quantization: ``quantize = insert_observers, calibrate, freeze, lower``.
+
+The result is a graph of fbgemm/qnnpack quantized kernels for ``engine`` (``x86``,
+``fbgemm``, ``qnnpack``), or, for ``engine="tensorrt"`` (or ``lower=False``), the reference
+graph of float ops and Q/DQ steps that the ONNX backend exports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from fxcomp.passes.calibration import calibrate
+from fxcomp.passes.freezing import freeze
+from fxcomp.passes.lowering import lower as lower_pass
+from fxcomp.passes.observers import observe
+
+from fxcomp.pass_manager import Pipeline
+from fxcomp.quant.ops import SkipSpec
+from fxcomp.quant.scheme import scheme_for
+
+__all__ = ["quantize"]
+
+_KERNEL_ENGINES = ("x86", "fbgemm", "qnnpack")
+
+
+def quantize(
+    calibration_data: Iterable[Any],
+    *,
+    engine: str = "x86",
+    observer: str = "histogram",
+    skip: Sequence[SkipSpec] = (),
+    per_channel: bool = True,
+    reduce_range: bool | None = None,
+    lower: bool | None = None,
+    progress: bool = True,
+) -> Pipeline:
+    """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``.
+
+    ``observer`` is ``minmax``, ``moving_average``, ``histogram`` or ``mse``; ``skip`` keeps
+    layers in float by qualified module name, module type or op name ("add", "cat").
+
+    Example::
+
+        fxcomp.compile(model, x, passes=[fxcomp.passes.fuse(), fxcomp.passes.quantize(loader)])
+    """
+    scheme_for(engine)  # validates the engine name before any work
+    if lower is None:
+        lower = engine in _KERNEL_ENGINES
+    steps = [
+        observe(
+            engine=engine,
+            observer=observer,
+            skip=skip,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+        ),
+        calibrate(calibration_data, progress=progress),
+        freeze(engine=engine, per_channel=per_channel),
+    ]
+    if lower:
+        steps.append(lower_pass(engine=engine))
+    return Pipeline("quantize", steps, run_after=("fuse",))
