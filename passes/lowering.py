@@ -100,7 +100,6 @@ class _Lowering:
         self.grids: dict[Node, Grid] = {}
         self.floats: dict[Node, Node] = {}
         self.modules: dict[str, nn.Module] = {}
-        self.output_grids: list[Grid | None] = []
 
     def emit(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
         node = self.graph.create_node(op, target, args, kwargs or {})
@@ -132,8 +131,6 @@ class _Lowering:
         for name, module in self.modules.items():
             gm.add_submodule(name, module)
         gm.delete_all_unused_submodules()
-        # The quantization step of each output (None for one computed in float).
-        gm.meta["fxcomp_output_scales"] = [g[0] if g else None for g in self.output_grids]
         return gm
 
     def lower(self, node: Node) -> Node:
@@ -142,7 +139,6 @@ class _Lowering:
         inputs = tensor_inputs(node)
         out = self.quantized_output(node)
         if node.op == "output":
-            map_arg(node.args[0], lambda n: self.output_grids.append(self.grids.get(self.env[n])))
             return self.emit("output", "output", (map_arg(node.args[0], self.as_float),))
         if isinstance(module, QuantDequant):
             return self.quantize(node, _grid(module))

@@ -69,7 +69,8 @@ def insert_observers(
         options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
     )
     make = OBSERVERS[options.observer]
-    quantized: set[Node] = set()
+    # Observers from an earlier run already make their edges quantized.
+    quantized = {n for n in gm.graph.nodes if n.meta.get("fxcomp_quant") == "observer"}
     observed: dict[Node, Node] = {}
 
     def ensure_observed(value: Node) -> Node:
@@ -83,15 +84,21 @@ def insert_observers(
             observed[value] = obs
         return observed[value]
 
+    added = 0
     for node in list(gm.graph.nodes):
-        if node.meta.get("fxcomp_quant") == "observer":
+        if node in quantized:
             continue
         kind = kind_of(gm, node, options.skip)
         node.meta["fxcomp_quant"] = kind
         inputs = tensor_inputs(node)
-        if kind in _OWN_GRID:
+        users = list(node.users)
+        if kind in _OWN_GRID and users and all(u in quantized for u in users):
+            observed[node] = users[0]  # already observed
+        elif kind in _OWN_GRID:
             for value in inputs:
+                before = len(observed)
                 node.replace_input_with(value, ensure_observed(value))
+                added += len(observed) - before
             if kind == "fixed" and activation.dtype == torch.quint8:
                 out = _insert_after(
                     gm, node, f"{node.name}_fixed", QuantDequant(*_FIXED_UINT8, activation), ctx
@@ -107,9 +114,10 @@ def insert_observers(
             node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
             quantized.add(out)
             observed[node] = out
+            added += 1
         elif kind in ("shared", "requant") and inputs and inputs[0] in quantized:
             quantized.add(node)
-    return PassResult(gm, modified=bool(observed))
+    return PassResult(gm, modified=added > 0)
 
 
 def observe(

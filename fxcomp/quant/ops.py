@@ -129,8 +129,10 @@ def _is_tensor(node: Node) -> bool:
 
 def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    # a type matches a fused unit through the layer inside it
+    layers = [module, getattr(module, "conv", None), getattr(module, "linear", None)]
     for spec in skip:
-        if isinstance(spec, type) and module is not None and isinstance(module, spec):
+        if isinstance(spec, type) and any(isinstance(m, spec) for m in layers if m is not None):
             return True
         if isinstance(spec, str) and (
             (

@@ -23,7 +23,15 @@ import torch
 
 from fxcomp.errors import InputError
 
-__all__ = ["ENGINES", "Engine", "QScheme", "packing_engine", "quantized_tensors", "scheme_for"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "QScheme",
+    "available_engines",
+    "packing_engine",
+    "quantized_tensors",
+    "scheme_for",
+]
 
 
 @dataclass(frozen=True)
@@ -53,16 +61,17 @@ class QScheme:
         lo = torch.clamp(lo.double(), max=0.0)
         hi = torch.clamp(hi.double(), min=0.0)
         eps = torch.finfo(torch.float32).eps
+        qmin, qmax = (
+            (self.qmin // 2, self.qmax // 2) if self.reduce_range else (self.qmin, self.qmax)
+        )
         if self.symmetric:
             bound = torch.maximum(-lo, hi)
-            scale = torch.clamp(bound / ((self.qmax - self.qmin) / 2), min=eps)
-            centre = 0 if self.dtype == torch.qint8 else (self.qmin + self.qmax + 1) // 2
+            scale = torch.clamp(bound / ((qmax - qmin) / 2), min=eps)
+            centre = 0 if self.dtype == torch.qint8 else (qmin + qmax + 1) // 2
             zero_point = torch.full_like(scale, centre, dtype=torch.int64)
         else:
-            scale = torch.clamp((hi - lo) / (self.qmax - self.qmin), min=eps)
-            zero_point = torch.clamp(self.qmin - torch.round(lo / scale), self.qmin, self.qmax).to(
-                torch.int64
-            )
+            scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+            zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int64)
         return scale.float(), zero_point
 
 
@@ -111,6 +120,11 @@ def scheme_for(
     return activation, weight
 
 
+def available_engines() -> list[str]:
+    """The quantized engines this torch build has (x86, fbgemm, qnnpack, onednn)."""
+    return list(torch.backends.quantized.supported_engines)
+
+
 @contextmanager
 def packing_engine(engine: str) -> Iterator[None]:
     """Set torch's quantized engine while weights are packed for ``engine``, then restore it.
@@ -120,14 +134,14 @@ def packing_engine(engine: str) -> Iterator[None]:
         with packing_engine("qnnpack"):
             qconv.set_weight_bias(qweight, bias)
     """
-    backend = {"x86": "x86", "fbgemm": "fbgemm", "qnnpack": "qnnpack"}.get(engine)
-    if backend not in torch.backends.quantized.supported_engines:
+    available = available_engines()
+    if engine not in available:
         raise InputError(
             f"this torch build has no '{engine}' quantized engine",
-            hint=f"available: {', '.join(torch.backends.quantized.supported_engines)}",
+            hint=f"available: {', '.join(available)}",
         )
     previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = backend
+    torch.backends.quantized.engine = engine
     try:
         yield
     finally:
