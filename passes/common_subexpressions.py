@@ -12,13 +12,13 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
-from fxcomp.passes.dead_code import has_side_effects
 from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcomp.context import CompileContext
 from fxcomp.fused import FusedModule
 from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.passes.dead_code import has_side_effects
 
 __all__ = ["cse", "eliminate_common_subexpressions"]
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from fxcomp.pass_manager import Pipeline
 from fxcomp.passes.calibration import calibrate
 from fxcomp.passes.freezing import freeze
 from fxcomp.passes.lowering import lower as lower_pass
 from fxcomp.passes.observers import observe
-
-from fxcomp.pass_manager import Pipeline
 from fxcomp.quant.ops import SkipSpec
 from fxcomp.quant.scheme import scheme_for
 

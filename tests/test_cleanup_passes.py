@@ -8,11 +8,11 @@ import operator
 
 import torch
 import torch.nn.functional as F
-from fxcomp.passes import cse, dce
 from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
+from fxcomp.passes import cse, dce
 
 
 class Wasteful(nn.Module):

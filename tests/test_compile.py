@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from fxcomp.passes import cse, dce, fuse
 
 import fxcomp
 from fxcomp import BackendError, Pass, PassError
+from fxcomp.passes import cse, dce, fuse
 
 
 def snapshot(model):

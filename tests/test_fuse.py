@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fxcomp.passes import fuse
 from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from fxcomp.passes import fuse
 from tests.conftest import randomize_batchnorm, relative_error
 
 TOLERANCE = 1e-5

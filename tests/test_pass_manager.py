@@ -6,7 +6,6 @@ import operator
 
 import pytest
 import torch
-from fxcomp.passes import cse, dce, fuse
 from torch.fx import GraphModule
 
 import fxcomp
@@ -19,6 +18,7 @@ from fxcomp import (
     PassResult,
     Pipeline,
 )
+from fxcomp.passes import cse, dce, fuse
 
 
 def noop(gm: GraphModule, ctx: CompileContext) -> PassResult:

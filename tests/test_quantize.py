@@ -101,7 +101,7 @@ def test_insert_observers_structure(residual_net, image):
     assert result.report.find("insert_observers").modified
     stem = gm.graph.find_nodes(op="call_module", target="stem")[0]
     assert isinstance(gm.get_submodule("stem"), ConvReLU)
-    assert list(stem.users)[0].target == "stem_observer"
+    assert next(iter(stem.users)).target == "stem_observer"
 
 
 def test_insert_observers_second_run_and_nothing_to_quantize(residual_net, image, ctx):
