@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 import torch
+from tabulate import tabulate
 
 from fxcomp.compiler import compile
 from fxcomp.dump import FORMATS, DumpAfterEach, render_graph
@@ -58,7 +59,8 @@ def main(debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
-def _passes(names: str) -> list[Any]:
+def _passes(names: str, **quantize_options: Any) -> list[Any]:
+    """Built-in passes by name; ``quantize`` gets the calibration data and its options."""
     from fxcomp.passes import BUILTIN
 
     chosen = [n.strip() for n in names.split(",") if n.strip()]
@@ -67,7 +69,9 @@ def _passes(names: str) -> list[Any]:
         raise InputError(
             f"unknown pass '{unknown[0]}'", hint=f"built-in passes: {', '.join(BUILTIN)}"
         )
-    return [BUILTIN[n]() for n in chosen]
+    if "quantize" in chosen and not quantize_options:
+        raise InputError("quantize needs calibration data", hint="use fxcomp compile --calib ...")
+    return [BUILTIN[n](**quantize_options) if n == "quantize" else BUILTIN[n]() for n in chosen]
 
 
 @main.command()
@@ -111,6 +115,106 @@ def dump(
     click.echo(render_graph(result.module, fmt, notes=notes))
     if passes:
         click.echo(f"\n{result.report}", err=True)
+
+
+@main.command(name="compile")
+@click.argument("model")
+@click.option("--input-shape", default="1,3,224,224", show_default=True)
+@click.option("--passes", "pass_names", default="fuse,quantize", show_default=True)
+@click.option(
+    "--calib",
+    default="random",
+    show_default=True,
+    help="Calibration data: random, digits or folder:PATH (images).",
+)
+@click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
+@click.option(
+    "--engine", type=click.Choice(["x86", "fbgemm", "qnnpack"]), default="x86", show_default=True
+)
+@click.option(
+    "--observer",
+    type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
+    default="histogram",
+    show_default=True,
+)
+@click.option(
+    "--backend", type=click.Choice(["torchscript"]), default="torchscript", show_default=True
+)
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
+def compile_command(
+    model: str,
+    input_shape: str,
+    pass_names: str,
+    calib: str,
+    calib_batches: int,
+    engine: str,
+    observer: str,
+    backend: str,
+    output_dir: Path,
+    leaves: tuple[str, ...],
+) -> None:
+    """Compile MODEL with --passes and write a --backend artifact to -o DIR."""
+    from fxcomp.calibration_data import calibration_batches
+    from fxcomp.graph import state_size
+
+    shape = parse_shape(input_shape)
+    data = calibration_batches(calib, shape, batches=calib_batches)
+    passes = _passes(pass_names, calibration_data=data, engine=engine, observer=observer)
+    network = load_model(model)
+    result = compile(
+        network,
+        data[0][: shape[0]],
+        passes,
+        backend,
+        output_dir,
+        leaf_modules=leaves,
+        engine=engine,
+    )
+    click.echo(str(result.report))
+    artifact = result.artifact
+    float_mib = state_size(network)[1] / 2**20
+    size_mib = artifact.path.stat().st_size / 2**20
+    rows = [
+        ["artifact", str(artifact.path)],
+        [
+            "size",
+            f"{float_mib:.2f} MiB float state -> {size_mib:.2f} MiB ({float_mib / size_mib:.2f}x)",
+        ],
+        *[[key, f"{value:.4g}"] for key, value in artifact.parity.items()],
+    ]
+    click.echo("\n" + tabulate(rows, tablefmt="plain"))
+
+
+@main.command()
+@click.option(
+    "-o",
+    "--output-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("fxcomp-demo"),
+    show_default=True,
+)
+@click.option(
+    "--engine", type=click.Choice(["x86", "fbgemm", "qnnpack"]), default="x86", show_default=True
+)
+@click.option(
+    "--observer",
+    type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
+    default="histogram",
+    show_default=True,
+)
+def demo(output_dir: Path, engine: str, observer: str) -> None:
+    """Train a CNN on real handwritten digits, quantize it to INT8, compare with float."""
+    from fxcomp.demo import run_demo
+
+    rows = run_demo(output_dir, engine=engine, observer=observer)
+    headers = ["model", "test accuracy %", "size KiB", "batch 1 ms", "test set ms"]
+    body = [
+        [r.model, f"{r.accuracy:.2f}", f"{r.kib:.1f}", f"{r.batch1_ms:.3f}", f"{r.test_set_ms:.2f}"]
+        for r in rows
+    ]
+    click.echo(tabulate(body, headers=headers))
+    click.echo(f"\nINT8 TorchScript: {output_dir / 'model.pt'}")
 
 
 @main.command(name="passes")

@@ -40,4 +40,4 @@ __all__ = [
     "run_calibration",
 ]
 
-BUILTIN = MappingProxyType({"fuse": fuse, "cse": cse, "dce": dce})
+BUILTIN = MappingProxyType({"fuse": fuse, "cse": cse, "dce": dce, "quantize": quantize})

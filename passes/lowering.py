@@ -28,7 +28,7 @@ from fxcomp.graph import module_of
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.ops import tensor_inputs
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
-from fxcomp.quant.scheme import packing_engine, quantized_tensors
+from fxcomp.quant.scheme import deprecated_apis, packing_engine
 
 __all__ = ["LowerOptions", "lower", "lower_to_kernels"]
 
@@ -194,7 +194,7 @@ def lower_to_kernels(
     gm: GraphModule, ctx: CompileContext, *, options: LowerOptions = LowerOptions()
 ) -> PassResult:
     """Replace the reference graph's Q/DQ patterns by quantized kernels (module docstring)."""
-    with packing_engine(options.engine), quantized_tensors():
+    with packing_engine(options.engine), deprecated_apis():
         lowered = _Lowering(gm, ctx).run()
     lowered.meta["fxcomp_engine"] = options.engine
     return PassResult(lowered, modified=True)

@@ -139,10 +139,74 @@ def test_passes_lists_the_built_in_passes():
     run = fxcomp("passes")
     assert run.returncode == 0
     names = [line.split()[0] for line in run.stdout.splitlines()]
-    assert names == ["fuse", "cse", "dce"]
+    assert names == ["fuse", "cse", "dce", "quantize"]
 
 
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "fxcomp"
     run = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "dump" in run.stdout
+
+
+def test_compile_quantizes_to_torchscript_and_prints_a_summary(tmp_path):
+    out = tmp_path / "out"
+    run = fxcomp(
+        "compile",
+        "torchvision:resnet18",
+        "--passes",
+        "fuse,quantize",
+        "--calib",
+        "random",
+        "--calib-batches",
+        "2",
+        "--engine",
+        "x86",
+        "--backend",
+        "torchscript",
+        "-o",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json"]
+    artifact = next(line for line in run.stdout.splitlines() if line.startswith("artifact"))
+    assert artifact.split()[-1] == str(out / "model.pt")
+    assert "deprecated" not in run.stderr
+    size = next(line for line in run.stdout.splitlines() if line.startswith("size"))
+    assert float(size.split("(")[1].rstrip("x)")) >= 3.9
+    assert "sqnr_db_vs_float" in run.stdout and "quantize" in run.stdout
+
+
+def test_compile_with_image_folder_and_bad_calibration(tmp_path):
+    import torch
+    from torchvision.io import write_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        write_png(torch.randint(0, 255, (3, 40, 30), dtype=torch.uint8), str(images / f"{i}.png"))
+    run = fxcomp(
+        "compile",
+        f"{EXAMPLE}:Tapped",
+        "--input-shape",
+        "1,3,8,8",
+        "--calib",
+        f"folder:{images}",
+        "-o",
+        str(tmp_path / "out"),
+    )
+    assert run.returncode == 0, run.stderr
+    run = fxcomp("compile", "torchvision:resnet18", "--calib", "digits", "-o", str(tmp_path / "x"))
+    assert run.returncode == 2 and "--calib digits gives (N, 1, 8, 8) images" in run.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_demo_is_the_main_job(tmp_path):
+    run = fxcomp("demo", "-o", str(tmp_path / "demo"))
+    assert run.returncode == 0, run.stderr
+    rows = {line.split("  ")[0]: line.split() for line in run.stdout.splitlines()[2:4]}
+    float_row = next(v for k, v in rows.items() if k.startswith("float"))
+    int8_row = next(v for k, v in rows.items() if k.startswith("INT8"))
+    float_acc, int8_acc = float(float_row[2]), float(int8_row[3])
+    assert float_acc > 95 and int8_acc >= float_acc - 0.5
+    assert (tmp_path / "demo" / "model.pt").exists()

@@ -28,8 +28,8 @@ __all__ = [
     "Engine",
     "QScheme",
     "available_engines",
+    "deprecated_apis",
     "packing_engine",
-    "quantized_tensors",
     "scheme_for",
 ]
 
@@ -149,16 +149,18 @@ def packing_engine(engine: str) -> Iterator[None]:
 
 
 @contextmanager
-def quantized_tensors() -> Iterator[None]:
-    """Silence torch's deprecation warning for quantized tensors while fxcomp makes them.
+def deprecated_apis() -> Iterator[None]:
+    """Silence torch's deprecation warnings for what the fbgemm/qnnpack path needs.
 
-    The fbgemm/qnnpack kernels take quantized tensors; the TorchScript backend needs them.
+    Quantized tensors and TorchScript are deprecated upstream, but the fbgemm/qnnpack kernels
+    take quantized tensors and TorchScript is how they deploy.
 
     Example::
 
-        with quantized_tensors():
+        with deprecated_apis():
             q = torch.quantize_per_tensor(x, 0.1, 0, torch.quint8)
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated.*")
         yield
