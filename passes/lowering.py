@@ -153,6 +153,8 @@ class _Lowering:
             fixed = (1.0 / 256, 0, torch.quint8)
             self.grids[new] = fixed if kind == "fixed" else self.grids[self.env[inputs[0]]]
             return new
+        if kind == "query":  # reads the shape of whatever tensor is there
+            return self.graph.node_copy(node, lambda n: self.env[n])
         new = self.graph.node_copy(node, self.as_float)
         new.meta = {
             key: node.meta[key] for key in ("fxcomp_pass", "stack_trace") if key in node.meta

@@ -230,3 +230,20 @@ def test_calibration_accepts_loader_style_tuples(residual_net, image):
     assert sqnr(residual_net(image), gm(image)) > 20
     with pytest.raises(PassError, match="calibration data is empty"):
         fxcomp.compile(residual_net, image, passes=[quantize([], progress=False)])
+
+
+def test_shape_queries_read_the_quantized_tensor(image):
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            n, c, h, w = y.size()
+            return y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    model = Shuffle().eval()
+    gm = fxcomp.compile(model, image, passes=[quantize(batches(), progress=False)]).module
+    assert len(gm.graph.find_nodes(op="call_method", target="dequantize")) == 1  # the output
+    assert sqnr(model(image), gm(image)) > 25

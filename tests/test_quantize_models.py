@@ -6,8 +6,7 @@ reloads and runs, and its output is at least 2 dB closer to the reference graph 
 reference is to float (SQNR, on the example batch; the backend itself refuses an artifact
 more than 3 dB further).
 Models with ops that stay float: efficientnet_b0 (SiLU has no quantized kernel) and
-convnext_tiny (LayerNorm over permuted channels, GELU, layer scale); shufflenet_v2_x1_0's
-channel split also dequantizes (``chunk`` outputs feed a float ``cat`` of two branches).
+convnext_tiny (LayerNorm over permuted channels, GELU, layer scale).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@
 * ``shared``: ops that run on quantized tensors exactly and keep the input's grid (max
   pooling, ReLU, clamps, reshapes, dropout in eval).
 * ``requant``: ops that keep the input's grid but round again (average pooling, mean).
+* ``query``: shape queries (``size``, ``dim``, ``numel``, ``.shape``), which read a
+  quantized tensor as it is.
 * ``float``: everything else; it runs in float between a dequantize and a quantize.
 
 Example::
@@ -27,7 +29,9 @@ from fxcomp.fused import ConvReLU, LinearReLU, add_relu
 
 __all__ = ["KINDS", "SkipSpec", "kind_of", "op_name", "tensor_inputs"]
 
-KINDS = ("weighted", "binary", "cat", "hardswish", "fixed", "shared", "requant", "float")
+KINDS = ("weighted", "binary", "cat", "hardswish", "fixed", "shared", "requant", "query", "float")
+_QUERY_METHODS = {"size", "dim", "numel"}
+_QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 SkipSpec = str | type[nn.Module]
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ConvReLU, LinearReLU)
@@ -145,8 +149,21 @@ def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
     return False
 
 
+def _is_query(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _QUERY_METHODS
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) == 2
+        and node.args[1] in _QUERY_ATTRIBUTES
+    )
+
+
 def kind_of(gm: GraphModule, node: Node, skip: Iterable[SkipSpec] = ()) -> str:
     """The quantization kind of ``node`` (one of ``KINDS``); skipped nodes are ``float``."""
+    if _is_query(node):
+        return "query"
     if node.op not in ("call_module", "call_function", "call_method") or not _is_tensor(node):
         return "float"
     if _skipped(gm, node, skip):
