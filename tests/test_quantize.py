@@ -247,3 +247,29 @@ def test_shape_queries_read_the_quantized_tensor(image):
     gm = fxcomp.compile(model, image, passes=[quantize(batches(), progress=False)]).module
     assert len(gm.graph.find_nodes(op="call_method", target="dequantize")) == 1  # the output
     assert sqnr(model(image), gm(image)) > 25
+
+
+@pytest.mark.parametrize(
+    ("engine", "per_channel"),
+    [("x86", False), ("fbgemm", True), ("qnnpack", True), ("qnnpack", False)],
+)
+def test_each_engine_emits_verified_torchscript(residual_net, image, tmp_path, engine, per_channel):
+    from fxcomp.backends import torchscript
+
+    passes = [fuse(), quantize(batches(), engine=engine, per_channel=per_channel, progress=False)]
+    result = fxcomp.compile(residual_net, image, passes, "torchscript", tmp_path)
+    assert result.artifact.manifest["engine"] == engine
+    assert result.artifact.manifest["specialised_for"] == [list(image.shape)]
+    conv = result.module.get_submodule("conv")
+    weight = conv.weight()
+    assert weight.qscheme() == (
+        torch.per_channel_affine if per_channel else torch.per_tensor_affine
+    )
+    if engine == "qnnpack":
+        assert weight.int_repr().min() >= -127  # qnnpack's narrow weight range
+    loaded = torchscript.load(result.artifact.path, input_shapes=[[5, 3, 16, 16]])
+    other = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(other), result.module(other), rtol=0, atol=1e-5)
+    parity = result.artifact.parity
+    assert parity["sqnr_db_vs_float"] > 20 and parity["top1_agreement_vs_float"] == 1.0
