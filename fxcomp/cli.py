@@ -134,7 +134,7 @@ def dump(
 @click.option(
     "--observer",
     type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
-    default="histogram",
+    default="mse",
     show_default=True,
 )
 @click.option(
@@ -200,7 +200,7 @@ def compile_command(
 @click.option(
     "--observer",
     type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
-    default="histogram",
+    default="mse",
     show_default=True,
 )
 def demo(output_dir: Path, engine: str, observer: str) -> None:

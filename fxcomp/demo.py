@@ -56,7 +56,7 @@ def run_demo(
     output_dir: Path,
     *,
     engine: str = "x86",
-    observer: str = "histogram",
+    observer: str = "mse",
     rounds: int = 50,
     progress: bool = True,
 ) -> list[DemoRow]:

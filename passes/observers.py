@@ -37,7 +37,7 @@ class ObserverOptions:
     """Engine and observer choice for ``insert_observers``."""
 
     engine: str = "x86"
-    observer: str = "histogram"
+    observer: str = "mse"
     skip: tuple[SkipSpec, ...] = ()
     per_channel: bool = True
     reduce_range: bool | None = None
@@ -123,7 +123,7 @@ def insert_observers(
 def observe(
     *,
     engine: str = "x86",
-    observer: str = "histogram",
+    observer: str = "mse",
     skip: Sequence[SkipSpec] = (),
     per_channel: bool = True,
     reduce_range: bool | None = None,

@@ -27,7 +27,7 @@ def quantize(
     calibration_data: Iterable[Any],
     *,
     engine: str = "x86",
-    observer: str = "histogram",
+    observer: str = "mse",
     skip: Sequence[SkipSpec] = (),
     per_channel: bool = True,
     reduce_range: bool | None = None,
@@ -36,7 +36,8 @@ def quantize(
 ) -> Pipeline:
     """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``.
 
-    ``observer`` is ``minmax``, ``moving_average``, ``histogram`` or ``mse``; ``skip`` keeps
+    ``observer`` is ``mse`` (the default: L2 range search on a histogram), ``histogram``
+    (percentile clipping), ``minmax`` or ``moving_average``; ``skip`` keeps
     layers in float by qualified module name, module type or op name ("add", "cat").
 
     Example::
