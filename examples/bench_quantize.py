@@ -28,21 +28,13 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import torchscript
+from fxcomp.batchnorm import reestimate_batchnorm
 from fxcomp.verify import sqnr
 
 
 def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the batches below
-    model.train()
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    return model.eval()
+    return reestimate_batchnorm(torchvision.models.get_model(name, weights=None), data)
 
 
 def peer_int8(model: nn.Module, calibration: list[torch.Tensor]) -> bytes:

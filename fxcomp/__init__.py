@@ -5,7 +5,7 @@ Example::
     import fxcomp, torch, torchvision
     result = fxcomp.compile(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224),
                             passes=[fxcomp.passes.fuse()])
-    print(result.report)
+    table = str(result.report)
 """
 
 from fxcomp import passes

@@ -22,6 +22,8 @@ from fxcomp.compiler import compile
 from fxcomp.dump import FORMATS, DumpAfterEach, render_graph
 from fxcomp.errors import FxcompError, InputError
 from fxcomp.model_spec import load_model, parse_shape
+from fxcomp.quant import OBSERVERS
+from fxcomp.quant.scheme import KERNEL_ENGINES
 
 __all__ = ["main"]
 
@@ -117,6 +119,14 @@ def dump(
         click.echo(f"\n{result.report}", err=True)
 
 
+_engine_option = click.option(
+    "--engine", type=click.Choice(KERNEL_ENGINES), default="x86", show_default=True
+)
+_observer_option = click.option(
+    "--observer", type=click.Choice(list(OBSERVERS)), default="mse", show_default=True
+)
+
+
 @main.command(name="compile")
 @click.argument("model")
 @click.option("--input-shape", default="1,3,224,224", show_default=True)
@@ -128,15 +138,8 @@ def dump(
     help="Calibration data: random, digits or folder:PATH (images).",
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
-@click.option(
-    "--engine", type=click.Choice(["x86", "fbgemm", "qnnpack"]), default="x86", show_default=True
-)
-@click.option(
-    "--observer",
-    type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
-    default="mse",
-    show_default=True,
-)
+@_engine_option
+@_observer_option
 @click.option(
     "--backend", type=click.Choice(["torchscript"]), default="torchscript", show_default=True
 )
@@ -194,15 +197,8 @@ def compile_command(
     default=Path("fxcomp-demo"),
     show_default=True,
 )
-@click.option(
-    "--engine", type=click.Choice(["x86", "fbgemm", "qnnpack"]), default="x86", show_default=True
-)
-@click.option(
-    "--observer",
-    type=click.Choice(["minmax", "moving_average", "histogram", "mse"]),
-    default="mse",
-    show_default=True,
-)
+@_engine_option
+@_observer_option
 def demo(output_dir: Path, engine: str, observer: str) -> None:
     """Train a CNN on real handwritten digits, quantize it to INT8, compare with float."""
     from fxcomp.demo import run_demo

@@ -2,7 +2,7 @@
 
 Example::
 
-    print(render_graph(gm, "table"))
+    text = render_graph(gm, "table")
     compile(model, x, passes=[fuse()], after_pass=[DumpAfterEach(Path("dumps"), "code")])
 """
 
@@ -93,7 +93,7 @@ def render_graph(gm: GraphModule, fmt: str = "table", *, notes: Sequence[Note] =
 
     Example::
 
-        print(render_graph(result.module, "table", notes=result.report.notes))
+        text = render_graph(result.module, "table", notes=result.report.notes)
     """
     if fmt == "code":
         return gm.code

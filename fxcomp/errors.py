@@ -7,7 +7,7 @@ Example::
     try:
         fxcomp.compile(model, x)
     except fxcomp.FxcompError as err:
-        print(err, err.hint)
+        message = str(err)  # the message, then "hint: ..." on its own line
 """
 
 from __future__ import annotations

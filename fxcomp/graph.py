@@ -3,7 +3,7 @@
 Example::
 
     conv = module_of(gm, node)            # the nn.Module a call_module node runs
-    print(source_of(node))                # "model.py:42 `y = self.conv(x)`"
+    where = source_of(node)               # "model.py:42 `y = self.conv(x)`"
 """
 
 from __future__ import annotations

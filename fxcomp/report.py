@@ -3,7 +3,7 @@
 Example::
 
     result = fxcomp.compile(model, x, passes=[fxcomp.passes.fuse()])
-    print(result.report)                      # the table
+    table = str(result.report)                # the table
     json.dumps(result.report.to_dict())       # the same data
 """
 

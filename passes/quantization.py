@@ -16,11 +16,9 @@ from fxcomp.passes.freezing import freeze
 from fxcomp.passes.lowering import lower as lower_pass
 from fxcomp.passes.observers import observe
 from fxcomp.quant.ops import SkipSpec
-from fxcomp.quant.scheme import scheme_for
+from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 
 __all__ = ["quantize"]
-
-_KERNEL_ENGINES = ("x86", "fbgemm", "qnnpack")
 
 
 def quantize(
@@ -46,7 +44,7 @@ def quantize(
     """
     scheme_for(engine)  # validates the engine name before any work
     if lower is None:
-        lower = engine in _KERNEL_ENGINES
+        lower = engine in KERNEL_ENGINES
     steps = [
         observe(
             engine=engine,

@@ -18,6 +18,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import torchscript
+from fxcomp.batchnorm import reestimate_batchnorm
 from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.passes import fuse, quantize
 
@@ -66,16 +67,7 @@ def test_digits_int8_loses_at_most_half_a_point(digits, observer, tmp_path):
 def reestimated(name: str, data: list[torch.Tensor]) -> nn.Module:
     """Random weights give degenerate activations; re-estimate BatchNorm on the inputs."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        for x in data:
-            model(x)
-    return model.eval()
+    return reestimate_batchnorm(torchvision.models.get_model(name, weights=None), data)
 
 
 def inputs(name: str, count: int) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ from fxcomp.errors import InputError
 
 __all__ = [
     "ENGINES",
+    "KERNEL_ENGINES",
     "Engine",
     "QScheme",
     "available_engines",
@@ -89,6 +90,9 @@ _UINT8 = QScheme(torch.quint8, 0, 255, symmetric=False)
 _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
+
+# Engines with fbgemm/qnnpack kernels to lower to; tensorrt's graphs go to ONNX instead.
+KERNEL_ENGINES = ("x86", "fbgemm", "qnnpack")
 
 ENGINES: dict[str, Engine] = {
     "x86": Engine("x86", _UINT8_7BIT, _WEIGHT),
