@@ -273,3 +273,12 @@ def test_each_engine_emits_verified_torchscript(residual_net, image, tmp_path, e
         torch.testing.assert_close(loaded(other), result.module(other), rtol=0, atol=1e-5)
     parity = result.artifact.parity
     assert parity["sqnr_db_vs_float"] > 20 and parity["top1_agreement_vs_float"] == 1.0
+
+
+def test_loading_a_corrupt_artifact_is_a_backend_error(tmp_path):
+    from fxcomp.backends import torchscript
+
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a TorchScript archive")
+    with pytest.raises(fxcomp.BackendError, match=f"cannot load {bad}"):
+        torchscript.load(bad)

@@ -106,8 +106,11 @@ def _verify(figures: dict[str, float], quantization_sqnr: float | None) -> None:
         )
 
 
-def load(path: Path, input_shapes: Sequence[Sequence[int]] | None = None) -> Any:
-    """Load a ``.pt`` written by ``emit`` and make its first call on its input shapes.
+def load(
+    artifact: Artifact | Path | str, input_shapes: Sequence[Sequence[int]] | None = None
+) -> Any:
+    """Load an artifact (or the ``.pt`` path) written by ``emit``; make its first call on its
+    input shapes.
 
     ``input_shapes`` re-specialises it for other shapes (another batch size).
 
@@ -115,6 +118,7 @@ def load(path: Path, input_shapes: Sequence[Sequence[int]] | None = None) -> Any
 
         model = load(Path("out/model.pt"), input_shapes=[[8, 3, 224, 224]])
     """
+    path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
     files = {"fxcomp.json": ""}
     try:
         with deprecated_apis():
