@@ -54,11 +54,17 @@ def _check(inputs: tuple[Any, ...], examples: tuple[Any, ...], index: int) -> No
 
 
 def run_calibration(
-    gm: GraphModule, ctx: CompileContext, *, data: Iterable[Any], progress: bool = True
+    gm: GraphModule, ctx: CompileContext, *, data: Iterable[Any] | None, progress: bool = True
 ) -> PassResult:
-    """Run every batch of ``data`` through ``gm`` so that its observers see it."""
+    """Run every batch of ``data`` (or of ``ctx.calibration_data``) through ``gm``."""
     if not any(isinstance(m, Observer) for m in gm.modules()):
         raise InputError("the graph has no observers", hint="run insert_observers before calibrate")
+    data = data if data is not None else ctx.calibration_data
+    if data is None:
+        raise InputError(
+            "no calibration data",
+            hint="pass it to quantize(data) / calibrate(data), or compile(calibration_data=...)",
+        )
     count = sum(1 for n in gm.graph.find_nodes(op="placeholder") if not n.args)
     seen = 0
     with torch.no_grad():
@@ -74,8 +80,9 @@ def run_calibration(
     return PassResult(gm, modified=True)
 
 
-def calibrate(data: Iterable[Any], *, progress: bool = True) -> Pass:
-    """Run calibration batches through the observed graph, with a progress bar.
+def calibrate(data: Iterable[Any] | None = None, *, progress: bool = True) -> Pass:
+    """Run calibration batches through the observed graph, with a progress bar; without
+    ``data``, the ``calibration_data`` given to ``fxcomp.compile``.
 
     Example::
 

@@ -60,7 +60,9 @@ def freeze_qparams(
                     f"observer '{node.target}' has seen no data",
                     hint="run calibrate (or quantize(calibration_data)) before freeze",
                 )
-            replace_module(gm, str(node.target), QuantDequant(*module.qparams(), module.scheme))
+            name = str(node.target).removesuffix("_observer") + "_qdq"
+            gm.add_submodule(name, QuantDequant(*module.qparams(), module.scheme))
+            node.target = name
             changed = True
     for node in list(gm.graph.nodes):
         kind = node.meta.get("fxcomp_quant")
@@ -77,6 +79,7 @@ def freeze_qparams(
             new.meta = {**node.meta, "fxcomp_quant": "observer", "fxcomp_pass": ctx.current_pass}
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             changed = True
+    gm.delete_all_unused_submodules()
     gm.recompile()
     with torch.no_grad():
         ctx.reference_outputs = gm(*ctx.example_inputs)

@@ -22,7 +22,7 @@ __all__ = ["quantize"]
 
 
 def quantize(
-    calibration_data: Iterable[Any],
+    calibration_data: Iterable[Any] | None = None,
     *,
     engine: str = "x86",
     observer: str = "mse",
@@ -32,7 +32,8 @@ def quantize(
     lower: bool | None = None,
     progress: bool = True,
 ) -> Pipeline:
-    """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``.
+    """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``
+    (by default the ``calibration_data`` given to ``fxcomp.compile``).
 
     ``observer`` is ``mse`` (the default: L2 range search on a histogram), ``histogram``
     (percentile clipping), ``minmax`` or ``moving_average``; ``skip`` keeps

@@ -162,7 +162,7 @@ def test_lowered_graph_uses_quantized_kernels_and_matches_the_reference(residual
     assert len(gm.graph.find_nodes(op="call_method", target="dequantize")) == 1
     assert len(gm.graph.find_nodes(op="call_function", target=torch.ops.quantized.add_relu)) == 1
     ref, out = reference(image), gm(image)
-    step = reference.get_submodule("out_observer").scale.item()
+    step = reference.get_submodule("out_qdq").scale.item()
     assert (ref - out).abs().max().item() <= 2 * step
     assert sqnr(ref, out) > sqnr(residual_net(image), ref)
 
@@ -282,3 +282,26 @@ def test_loading_a_corrupt_artifact_is_a_backend_error(tmp_path):
     bad.write_bytes(b"not a TorchScript archive")
     with pytest.raises(fxcomp.BackendError, match=f"cannot load {bad}"):
         torchscript.load(bad)
+
+
+def test_quantize_calibrates_on_the_compile_calibration_data(residual_net, image):
+    result = fxcomp.compile(
+        residual_net,
+        image,
+        passes=[fuse(), quantize(progress=False)],
+        calibration_data=batches(3),
+    )
+    names = {name for name, m in result.module.named_modules() if type(m).__name__ == "ConvReLU2d"}
+    assert names == {"stem"}
+    assert sqnr(residual_net(image), result.module(image)) > 20
+    with pytest.raises(PassError, match="no calibration data"):
+        fxcomp.compile(residual_net, image, passes=[quantize(progress=False)])
+
+
+def test_frozen_steps_are_named_qdq(residual_net, image):
+    gm = fxcomp.compile(
+        residual_net, image, passes=[fuse(), quantize(batches(3), lower=False, progress=False)]
+    ).module
+    steps = [name for name, m in gm.named_modules() if isinstance(m, QuantDequant)]
+    assert "x_qdq" in steps and "mean_requant" in steps
+    assert not [name for name in steps if name.endswith("_observer")]
