@@ -24,6 +24,7 @@ from fxcomp.errors import (
 )
 from fxcomp.pass_manager import Pass, PassManager, PassResult, Pipeline
 from fxcomp.report import Report
+from fxcomp.serialize import load, save
 from fxcomp.trace import trace
 
 __all__ = [
@@ -44,7 +45,9 @@ __all__ = [
     "UnsupportedGraphError",
     "VerificationError",
     "compile",
+    "load",
     "passes",
     "render_graph",
+    "save",
     "trace",
 ]
