@@ -19,7 +19,7 @@ import torch
 from tabulate import tabulate
 
 from fxcomp.compiler import compile
-from fxcomp.dump import FORMATS, DumpAfterEach, render_graph
+from fxcomp.dump import FORMATS, DumpAfterEach, render_graph, render_groups
 from fxcomp.errors import FxcompError, InputError
 from fxcomp.model_spec import load_model, parse_shape
 from fxcomp.quant import OBSERVERS
@@ -61,8 +61,8 @@ def main(debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
 
 
-def _passes(names: str, **quantize_options: Any) -> list[Any]:
-    """Built-in passes by name; ``quantize`` gets the calibration data and its options."""
+def _passes(names: str, **options: Any) -> list[Any]:
+    """Built-in passes by name; ``quantize`` and ``prune`` get the options meant for them."""
     from fxcomp.passes import BUILTIN
 
     chosen = [n.strip() for n in names.split(",") if n.strip()]
@@ -71,9 +71,15 @@ def _passes(names: str, **quantize_options: Any) -> list[Any]:
         raise InputError(
             f"unknown pass '{unknown[0]}'", hint=f"built-in passes: {', '.join(BUILTIN)}"
         )
-    if "quantize" in chosen and not quantize_options:
+    if "quantize" in chosen and "calibration_data" not in options:
         raise InputError("quantize needs calibration data", hint="use fxcomp compile --calib ...")
-    return [BUILTIN[n](**quantize_options) if n == "quantize" else BUILTIN[n]() for n in chosen]
+    wanted = {
+        "quantize": ("calibration_data", "engine", "observer"),
+        "prune": ("ratio",),
+    }
+    return [
+        BUILTIN[n](**{k: v for k, v in options.items() if k in wanted.get(n, ())}) for n in chosen
+    ]
 
 
 @main.command()
@@ -94,6 +100,7 @@ def _passes(names: str, **quantize_options: Any) -> list[Any]:
     help="Write the graph after every pass to numbered files in this folder.",
 )
 @click.option("--explain", is_flag=True, help="Show why rewrite rules did not apply.")
+@click.option("--groups", is_flag=True, help="List the channel groups pruning works on.")
 @click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
 def dump(
     model: str,
@@ -102,6 +109,7 @@ def dump(
     fmt: str,
     after_each: Path | None,
     explain: bool,
+    groups: bool,
     leaves: tuple[str, ...],
 ) -> None:
     """Trace MODEL, run --passes, and print its graph.
@@ -114,7 +122,9 @@ def dump(
     hooks = [DumpAfterEach(after_each, fmt)] if after_each else []
     result = compile(load_model(model), inputs, passes, leaf_modules=leaves, after_pass=hooks)
     notes = result.report.notes if explain else ()
-    click.echo(render_graph(result.module, fmt, notes=notes))
+    click.echo(
+        render_groups(result.module) if groups else render_graph(result.module, fmt, notes=notes)
+    )
     if passes:
         click.echo(f"\n{result.report}", err=True)
 
@@ -138,6 +148,7 @@ _observer_option = click.option(
     help="Calibration data: random, digits or folder:PATH (images).",
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
+@click.option("--ratio", default=0.5, show_default=True, help="Share of channels prune removes.")
 @_engine_option
 @_observer_option
 @click.option(
@@ -151,6 +162,7 @@ def compile_command(
     pass_names: str,
     calib: str,
     calib_batches: int,
+    ratio: float,
     engine: str,
     observer: str,
     backend: str,
@@ -163,7 +175,9 @@ def compile_command(
 
     shape = parse_shape(input_shape)
     data = calibration_batches(calib, shape, batches=calib_batches)
-    passes = _passes(pass_names, calibration_data=data, engine=engine, observer=observer)
+    passes = _passes(
+        pass_names, calibration_data=data, engine=engine, observer=observer, ratio=ratio
+    )
     network = load_model(model)
     result = compile(
         network,

@@ -23,7 +23,7 @@ from fxcomp.context import CompileContext
 from fxcomp.graph import source_of, target_name
 from fxcomp.report import Note, PassRecord
 
-__all__ = ["FORMATS", "DumpAfterEach", "render_graph"]
+__all__ = ["FORMATS", "DumpAfterEach", "render_graph", "render_groups"]
 
 FORMATS = ("table", "code", "dot", "json")
 _SUFFIX = {"table": "txt", "code": "py", "dot": "dot", "json": "json"}
@@ -138,3 +138,22 @@ class DumpAfterEach:
         notes = [n for n in ctx.report.notes if n.pass_name == record.path]
         write_atomic(self.directory / name, render_graph(gm, self.fmt, notes=notes))
         self.count += 1
+
+
+def render_groups(gm: GraphModule) -> str:
+    """The channel groups of ``gm`` as a table: members, channel sets, what blocks pruning.
+
+    Example::
+
+        text = render_groups(fxcomp.trace(model, x))
+    """
+    from fxcomp.channels import ChannelGraph
+
+    rows = []
+    for index, group in enumerate(ChannelGraph.build(gm).groups()):
+        members = ", ".join(group.values[:4]) + (
+            f" (+{len(group.values) - 4})" if len(group.values) > 4 else ""
+        )
+        status = "prunable" if group.prunable else (group.blocked_by or ["one channel"])[0]
+        rows.append([index, members, len(group.channel_sets), status])
+    return tabulate(rows, headers=["group", "values", "channels", "pruning"], disable_numparse=True)

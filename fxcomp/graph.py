@@ -28,7 +28,10 @@ __all__ = [
 ]
 
 # Frames from these folders are library code, not the user's source.
-LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+LIBRARY_DIRS = (
+    os.path.join(os.path.dirname(torch.__file__), ""),
+    os.path.join(os.path.dirname(__file__), ""),
+)  # with the trailing separator: torchvision/ is not inside torch/
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>.*)')
 
 

@@ -18,6 +18,7 @@ from fxcomp.passes.freezing import freeze, freeze_qparams
 from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
 from fxcomp.passes.lowering import lower, lower_to_kernels
 from fxcomp.passes.observers import insert_observers, observe
+from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_channels
 from fxcomp.passes.quantization import quantize
 
 __all__ = [
@@ -36,8 +37,14 @@ __all__ = [
     "lower",
     "lower_to_kernels",
     "observe",
+    "prune",
+    "prune_channels",
+    "pruning_plan",
     "quantize",
     "run_calibration",
+    "zero_channels",
 ]
 
-BUILTIN = MappingProxyType({"fuse": fuse, "cse": cse, "dce": dce, "quantize": quantize})
+BUILTIN = MappingProxyType(
+    {"fuse": fuse, "cse": cse, "dce": dce, "prune": prune, "quantize": quantize}
+)

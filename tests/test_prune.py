@@ -1,0 +1,190 @@
+"""Channel pruning: the exactness oracle, honest `modified`, real shrinking, blocked groups.
+
+The oracle: zero every parameter slice of the channels the pass is about to remove (in every
+member of each group), and the zeroed model's output equals the pruned model's within 1e-5
+relative (max |diff| / max |ref|).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxcomp
+from fxcomp import PassManager
+from fxcomp.channels import ChannelGraph
+from fxcomp.passes import fuse, prune, pruning_plan, zero_channels
+from fxcomp.passes.pruning import PruneOptions
+from tests.conftest import randomize_batchnorm, relative_error
+
+
+def oracle(
+    model: nn.Module, x: torch.Tensor, ratio: float = 0.5, passes=()
+) -> fxcomp.CompileResult:
+    """Prune ``model`` and check the result against the zeroed model; return the result."""
+    base = fxcomp.compile(model, x, passes=list(passes)).module
+    _, removed = pruning_plan(base, PruneOptions(ratio))
+    assert removed, "nothing to prune"
+    zeroed = copy.deepcopy(base)
+    zero_channels(zeroed, removed)
+    result = fxcomp.compile(model, x, passes=[*passes, prune(ratio)])
+    with torch.no_grad():
+        assert relative_error(result.module(x), zeroed(x)) < 1e-5
+    return result
+
+
+class Branches(nn.Module):
+    """Two conv branches concatenated, then a conv; a residual chain; flatten into Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.mix = nn.Conv2d(12, 12, 3, padding=1)
+        self.res = nn.Conv2d(12, 12, 1)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        y = self.mix(y)
+        y = F.relu(y + self.res(y))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 4), 1))
+
+
+class Squeeze(nn.Module):
+    """Depthwise conv and a squeeze-excitation block (broadcast multiply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 16, 1)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1 = nn.Conv2d(16, 4, 1)
+        self.fc2 = nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        y = self.depthwise(F.relu(self.expand(x)))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.project(y * scale).mean((2, 3))
+
+
+@pytest.fixture
+def x():
+    return torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def test_cat_residual_and_flatten_into_linear(x):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Branches()).eval()
+    result = oracle(model, x)
+    gm = result.module
+    assert (gm.get_submodule("a").out_channels, gm.get_submodule("b").out_channels) == (4, 2)
+    assert gm.get_submodule("bn").num_features == 6
+    assert gm.get_submodule("mix").in_channels == 6 and gm.get_submodule("res").out_channels == 6
+    assert gm.get_submodule("fc").in_features == 6 * 16 and gm.get_submodule("fc").out_features == 5
+    assert (
+        result.report.find("prune").parameters_after < result.report.find("prune").parameters_before
+    )
+
+
+def test_depthwise_and_squeeze_excitation(x):
+    torch.manual_seed(0)
+    result = oracle(Squeeze().eval(), x)
+    depthwise = result.module.get_submodule("depthwise")
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == 8
+    assert result.module.get_submodule("fc1").out_channels == 2
+    assert result.module.get_submodule("project").out_channels == 6  # the model's output
+
+
+def test_after_fuse_too(x):
+    torch.manual_seed(0)
+    oracle(randomize_batchnorm(Branches()).eval(), x, passes=[fuse()])
+
+
+def test_unknown_ops_block_their_groups_by_name(x):
+    class Unknown(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 1)
+            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.roll(self.conv(x), 1, dims=1)  # moves channels: not element-wise
+            a, b = self.grouped(y).chunk(2, dim=1)
+            return self.head(torch.cat([b, a], 1))
+
+    gm = fxcomp.trace(Unknown().eval(), x)
+    groups = ChannelGraph.build(gm).groups()
+    reasons = " | ".join(r for g in groups for r in g.blocked_by)
+    assert "'roll': call_function torch.roll is not known to prune" in reasons
+    assert "'grouped': grouped convolution" in reasons
+    assert "'chunk': call_method .chunk() is not known to prune" in reasons
+    assert "test_prune.py:" in reasons and "`y = torch.roll(self.conv(x)" in reasons
+    result = fxcomp.compile(Unknown().eval(), x, passes=[prune(0.5)])
+    assert not result.report.find("prune").modified
+
+
+def test_ratio_zero_is_the_identity_and_second_run_is_honest(x, ctx):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Branches()).eval()
+    same = fxcomp.compile(model, x, passes=[prune(0.0)])
+    assert not same.report.find("prune").modified
+    torch.testing.assert_close(same.module(x), model(x), rtol=0, atol=0)
+    pruned = fxcomp.compile(model, x, passes=[prune(0.5)]).module
+    _, records = PassManager([prune(0.0)]).run(pruned, fxcomp.CompileContext((x,)))
+    assert not records[0].modified
+
+
+def test_round_to_keeps_multiples(x):
+    torch.manual_seed(0)
+    gm = fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.3, round_to=4)]).module
+    assert gm.get_submodule("expand").out_channels % 4 == 0
+
+
+def test_bad_ratio_and_importance(x):
+    with pytest.raises(fxcomp.PassError, match=r"ratio must be in \[0, 1\)"):
+        fxcomp.compile(Squeeze().eval(), x, passes=[prune(1.0)])
+    with pytest.raises(fxcomp.PassError, match="unknown importance 'taylor'"):
+        fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5, importance="taylor")])
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "random"])
+def test_importance_choices_keep_the_oracle(x, importance):
+    torch.manual_seed(0)
+    model = Squeeze().eval()
+    base = fxcomp.trace(model, x)
+    _, removed = pruning_plan(base, PruneOptions(0.5, importance=importance))
+    zeroed = copy.deepcopy(base)
+    zero_channels(zeroed, removed)
+    gm = fxcomp.compile(model, x, passes=[prune(0.5, importance=importance)]).module
+    assert relative_error(gm(x), zeroed(x)) < 1e-5
+
+
+def test_pruned_model_saves_reloads_and_trains(tmp_path, x):
+    torch.manual_seed(0)
+    gm = fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5)]).module
+    fxcomp.save(gm, tmp_path / "pruned.fxgraph")
+    loaded = fxcomp.load(tmp_path / "pruned.fxgraph")
+    torch.testing.assert_close(loaded(x), gm(x), rtol=0, atol=0)
+    loaded.train()
+    loss = loaded(x).pow(2).mean()
+    loss.backward()
+    assert loaded.get_submodule("expand").weight.grad.shape == (8, 3, 1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0"])
+def test_torchvision_models_keep_the_oracle(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    result = oracle(model, torch.randn(1, 3, 224, 224))
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in result.module.parameters())
+    assert after < 0.45 * before
