@@ -33,7 +33,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu
-from fxcomp.graph import module_of, source_of
+from fxcomp.graph import module_of, source_of, target_name
 
 __all__ = ["ChannelGraph", "Group"]
 
@@ -266,6 +266,4 @@ class ChannelGraph:
 
 
 def _describe(gm: GraphModule, node: Node) -> str:
-    from fxcomp.graph import target_name
-
     return f"{node.op} {target_name(gm, node)}"
