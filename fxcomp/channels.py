@@ -18,7 +18,7 @@ Example::
 
     graph = ChannelGraph.build(gm)
     for group in graph.groups():
-        print(group.values, len(group.channel_sets), group.blocked_by)
+        summary = (group.values, len(group.channel_sets), group.blocked_by)
 """
 
 from __future__ import annotations
@@ -33,26 +33,13 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu
-from fxcomp.graph import module_of, source_of, target_name
+from fxcomp.graph import ELEMENTWISE_MODULES, module_of, source_of, target_name
 
 __all__ = ["ChannelGraph", "Group"]
 
+# Channel k in is channel k out: element-wise modules, and pooling over space.
 _ELEMENTWISE_MODULES = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.Hardtanh,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.SiLU,
-    nn.GELU,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
+    *ELEMENTWISE_MODULES,
     nn.MaxPool1d,
     nn.MaxPool2d,
     nn.MaxPool3d,

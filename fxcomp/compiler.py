@@ -4,7 +4,7 @@ Example::
 
     result = fxcomp.compile(model, torch.randn(1, 3, 224, 224), passes=[fxcomp.passes.fuse()])
     result.module(x)          # the compiled GraphModule
-    print(result.report)      # per-pass table
+    table = str(result.report)   # per-pass table
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import _get_qualified_name
 
 __all__ = [
+    "ELEMENTWISE_MODULES",
     "LIBRARY_DIRS",
     "module_of",
     "node_counts",
@@ -32,6 +33,27 @@ LIBRARY_DIRS = (
     os.path.join(os.path.dirname(torch.__file__), ""),
     os.path.join(os.path.dirname(__file__), ""),
 )  # with the trailing separator: torchvision/ is not inside torch/
+# Exact torch.nn types that act on each element alone: output shape, dtype and channels are
+# the input's.
+ELEMENTWISE_MODULES = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+    nn.GELU,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+)
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<fn>\S+)\n\s*(?P<code>.*)')
 
 

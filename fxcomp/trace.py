@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_map
 
 from fxcomp.errors import InputError, TraceError
-from fxcomp.graph import LIBRARY_DIRS, source_of
+from fxcomp.graph import ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
 
 __all__ = ["as_input_tuple", "propagate_shapes", "trace"]
 
@@ -237,28 +237,12 @@ def _tensor_meta(value: Any) -> Any:
 # device their kernels run as slow Python decompositions, so the recorder skips them there.
 _SHAPE_PRESERVING = frozenset(
     {
+        *ELEMENTWISE_MODULES,
         nn.BatchNorm1d,
         nn.BatchNorm2d,
         nn.BatchNorm3d,
         nn.LayerNorm,
         nn.GroupNorm,
-        nn.ReLU,
-        nn.ReLU6,
-        nn.Hardtanh,
-        nn.Hardswish,
-        nn.Hardsigmoid,
-        nn.SiLU,
-        nn.GELU,
-        nn.Sigmoid,
-        nn.Tanh,
-        nn.LeakyReLU,
-        nn.ELU,
-        nn.Mish,
-        nn.Identity,
-        nn.Dropout,
-        nn.Dropout1d,
-        nn.Dropout2d,
-        nn.Dropout3d,
     }
 )
 
