@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
+from torchvision.ops import stochastic_depth
 
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu
 from fxcomp.graph import ELEMENTWISE_MODULES, module_of, source_of, target_name
@@ -69,6 +70,7 @@ _ELEMENTWISE_FUNCTIONS = {
     F.avg_pool2d,
     F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d,
+    stochastic_depth,  # torchvision's: drops whole samples, channel k in is channel k out
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp"}
 _BINARY = {operator.add, torch.add, operator.mul, torch.mul, operator.sub, torch.sub, add_relu}

@@ -42,26 +42,32 @@ class PruneOptions:
     seed: int = 0
 
 
-def _slices(
-    gm: GraphModule, nodes: dict[str, Node], channel: Channel
-) -> list[tuple[torch.Tensor, tuple]]:
-    """Every parameter slice carrying ``channel``: producer rows, BN entries, consumer columns."""
-    value, c = channel
-    node = nodes[value]
-    found: list[tuple[torch.Tensor, tuple]] = []
+def _carriers(gm: GraphModule, node: Node) -> list[tuple[torch.Tensor, int]]:
+    """The parameters that carry the channels of ``node``'s value, each with its channel axis:
+    producer rows and bias, BatchNorm scale and shift, consumer columns."""
+    found: list[tuple[torch.Tensor, int]] = []
     module = module_of(gm, node)
     layer = weighted_layer(module)
     if layer is not None:
-        found.append((layer.weight, (c,)))
+        found.append((layer.weight, 0))
         if layer.bias is not None:
-            found.append((layer.bias, (c,)))
+            found.append((layer.bias, 0))
     elif type(module) in _BATCHNORMS and module.affine:
-        found += [(module.weight, (c,)), (module.bias, (c,))]
+        found += [(module.weight, 0), (module.bias, 0)]
     for user in node.users:
         consumer = weighted_layer(module_of(gm, user))
         if consumer is not None and user.args[0] is node and getattr(consumer, "groups", 1) == 1:
-            found.append((consumer.weight, (slice(None), c)))
+            found.append((consumer.weight, 1))
     return found
+
+
+def _channel_scores(gm: GraphModule, node: Node, power: int) -> torch.Tensor:
+    """Per channel of ``node``'s value: the summed |w|^power of every weight carrying it."""
+    scores = torch.zeros(node.meta["tensor_meta"].shape[1], dtype=torch.float64)
+    for tensor, axis in _carriers(gm, node):
+        magnitude = tensor.detach().abs().double().pow(power)
+        scores += magnitude.movedim(axis, 0).reshape(magnitude.shape[axis], -1).sum(1)
+    return scores
 
 
 def pruning_plan(
@@ -86,18 +92,12 @@ def pruning_plan(
         keep = min(keep, total)
         if keep == total:
             continue
-        scores = []
-        for channel_set in group.channel_sets:
-            if options.importance == "random":
-                scores.append(torch.rand((), generator=generator).item())
-                continue
+        if options.importance == "random":
+            scores = torch.rand(total, generator=generator).tolist()
+        else:
             power = 1 if options.importance == "l1" else 2
-            score = sum(
-                tensor.detach()[index].abs().pow(power).sum().item()
-                for channel in channel_set
-                for tensor, index in _slices(gm, nodes, channel)
-            )
-            scores.append(score)
+            per_value = {v: _channel_scores(gm, nodes[v], power) for v in group.values}
+            scores = [sum(per_value[v][c].item() for v, c in s) for s in group.channel_sets]
         removed += _lowest(group, scores, total - keep, nodes, options)
     return groups, removed
 
@@ -131,9 +131,9 @@ def zero_channels(gm: GraphModule, removed: list[frozenset[Channel]]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
         for channel_set in removed:
-            for channel in channel_set:
-                for tensor, index in _slices(gm, nodes, channel):
-                    tensor[index] = 0
+            for value, c in channel_set:
+                for tensor, axis in _carriers(gm, nodes[value]):
+                    tensor.select(axis, c).zero_()
 
 
 def _slice_module(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor) -> None:
