@@ -33,8 +33,15 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torchvision.ops import stochastic_depth
 
-from fxcomp.fused import ConvReLU, LinearReLU, add_relu
-from fxcomp.graph import ELEMENTWISE_MODULES, module_of, source_of, target_name
+from fxcomp.fused import add_relu, weighted_layer
+from fxcomp.graph import (
+    BATCHNORMS,
+    CONVS,
+    ELEMENTWISE_MODULES,
+    module_of,
+    source_of,
+    target_name,
+)
 
 __all__ = ["ChannelGraph", "Group"]
 
@@ -75,8 +82,6 @@ _ELEMENTWISE_FUNCTIONS = {
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp"}
 _BINARY = {operator.add, torch.add, operator.mul, torch.mul, operator.sub, torch.sub, add_relu}
 _BINARY_METHODS = {"add", "mul", "sub"}
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _shape(node: Node) -> tuple[int, ...] | None:
@@ -88,15 +93,6 @@ def _channels(node: Node) -> int:
     """Channels of a value: axis 1 (N, C, ...), or the features of a 2-D (N, F) value."""
     shape = _shape(node)
     return shape[1] if shape and len(shape) >= 2 else 0
-
-
-def weighted_layer(module: nn.Module | None) -> nn.Module | None:
-    """The Conv or Linear a (possibly fused) module computes with, or None."""
-    if isinstance(module, ConvReLU):
-        return module.conv
-    if isinstance(module, LinearReLU):
-        return module.linear
-    return module if type(module) in (*_CONVS, nn.Linear) else None
 
 
 @dataclass
@@ -156,7 +152,7 @@ class ChannelGraph:
         module = module_of(self.gm, node)
         layer = weighted_layer(module)
         if layer is not None:
-            if isinstance(layer, _CONVS) and layer.groups > 1:
+            if isinstance(layer, CONVS) and layer.groups > 1:
                 if layer.groups == layer.in_channels == layer.out_channels:
                     self._same(node.args[0], node)  # depthwise: channel k in, channel k out
                 else:
@@ -165,7 +161,7 @@ class ChannelGraph:
                 self._block(node, [node.args[0], node], "Linear over a non-2-D input")
             return
         if (
-            type(module) in _BATCHNORMS
+            type(module) in BATCHNORMS
             or isinstance(module, _ELEMENTWISE_MODULES)
             or (node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS)
             or (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)

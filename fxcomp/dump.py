@@ -19,6 +19,7 @@ from tabulate import tabulate
 from torch.fx import GraphModule, Node
 
 from fxcomp.atomic import write_atomic
+from fxcomp.channels import ChannelGraph
 from fxcomp.context import CompileContext
 from fxcomp.graph import source_of, target_name
 from fxcomp.report import Note, PassRecord
@@ -147,8 +148,6 @@ def render_groups(gm: GraphModule) -> str:
 
         text = render_groups(fxcomp.trace(model, x))
     """
-    from fxcomp.channels import ChannelGraph
-
     rows = []
     for index, group in enumerate(ChannelGraph.build(gm).groups()):
         members = ", ".join(group.values[:4]) + (

@@ -16,7 +16,9 @@ import torch
 import torch.fx
 from torch import nn
 
-__all__ = ["ConvReLU", "FusedModule", "LinearReLU", "add_relu"]
+from fxcomp.graph import CONVS
+
+__all__ = ["ConvReLU", "FusedModule", "LinearReLU", "add_relu", "weighted_layer"]
 
 
 class FusedModule(nn.Module):
@@ -64,3 +66,17 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         add_relu(torch.ones(2), -2 * torch.ones(2))  # tensor([0., 0.])
     """
     return torch.relu(a + b)
+
+
+def weighted_layer(module: nn.Module | None) -> nn.Module | None:
+    """The Conv or Linear a module computes with (the one inside a fused unit), or None.
+
+    Example::
+
+        weighted_layer(ConvReLU(conv)) is conv
+    """
+    if isinstance(module, ConvReLU):
+        return module.conv
+    if isinstance(module, LinearReLU):
+        return module.linear
+    return module if type(module) in (*CONVS, nn.Linear) else None

@@ -18,6 +18,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import _get_qualified_name
 
 __all__ = [
+    "BATCHNORMS",
+    "CONVS",
     "ELEMENTWISE_MODULES",
     "LIBRARY_DIRS",
     "module_of",
@@ -33,6 +35,8 @@ LIBRARY_DIRS = (
     os.path.join(os.path.dirname(torch.__file__), ""),
     os.path.join(os.path.dirname(__file__), ""),
 )  # with the trailing separator: torchvision/ is not inside torch/
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # Exact torch.nn types that act on each element alone: output shape, dtype and channels are
 # the input's.
 ELEMENTWISE_MODULES = (

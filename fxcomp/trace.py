@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_map
 
 from fxcomp.errors import InputError, TraceError
-from fxcomp.graph import ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
+from fxcomp.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
 
 __all__ = ["as_input_tuple", "propagate_shapes", "trace"]
 
@@ -238,9 +238,7 @@ def _tensor_meta(value: Any) -> Any:
 _SHAPE_PRESERVING = frozenset(
     {
         *ELEMENTWISE_MODULES,
-        nn.BatchNorm1d,
-        nn.BatchNorm2d,
-        nn.BatchNorm3d,
+        *BATCHNORMS,
         nn.LayerNorm,
         nn.GroupNorm,
     }

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from fxcomp.context import CompileContext
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu
-from fxcomp.graph import module_of, replace_module, target_name
+from fxcomp.graph import CONVS, module_of, replace_module, target_name
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
 
@@ -38,7 +38,6 @@ _CONV_FOR_BN = {
     nn.BatchNorm2d: (nn.Conv2d,),
     nn.BatchNorm3d: (nn.Conv3d,),
 }
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
 _RELU_METHODS = {"relu", "relu_"}
 _ADD_FUNCTIONS = {operator.add, torch.add}
@@ -179,7 +178,7 @@ def _match_relu(sharing: _Sharing, gm: GraphModule, node: Node) -> Node | NoMatc
     layer = module_of(gm, producer)
     if type(layer) in _CONV_FOR_BN:
         return NoMatch(f"input is BatchNorm '{producer.name}', which was not folded")
-    if type(layer) not in (*_CONVS, nn.Linear) and not _is_add(producer):
+    if type(layer) not in (*CONVS, nn.Linear) and not _is_add(producer):
         return NoMatch(
             f"input comes from '{producer.name}' ({target_name(gm, producer)}), "
             "not a Conv, Linear or tensor add"

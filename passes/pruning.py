@@ -18,16 +18,16 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.channels import ChannelGraph, Group, weighted_layer
+from fxcomp.channels import ChannelGraph, Group
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
-from fxcomp.graph import module_of
+from fxcomp.fused import weighted_layer
+from fxcomp.graph import BATCHNORMS, module_of
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.trace import propagate_shapes
 
 __all__ = ["PruneOptions", "prune", "prune_channels", "pruning_plan", "zero_channels"]
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 Channel = tuple[str, int]
 
 
@@ -52,7 +52,7 @@ def _carriers(gm: GraphModule, node: Node) -> list[tuple[torch.Tensor, int]]:
         found.append((layer.weight, 0))
         if layer.bias is not None:
             found.append((layer.bias, 0))
-    elif type(module) in _BATCHNORMS and module.affine:
+    elif type(module) in BATCHNORMS and module.affine:
         found += [(module.weight, 0), (module.bias, 0)]
     for user in node.users:
         consumer = weighted_layer(module_of(gm, user))
@@ -140,7 +140,7 @@ def _slice_module(module: nn.Module, keep_in: torch.Tensor | None, keep_out: tor
     """Slice ``module`` in place to the kept input and output channels."""
     layer = weighted_layer(module)
     with torch.no_grad():
-        if type(module) in _BATCHNORMS:
+        if type(module) in BATCHNORMS:
             for name in ("weight", "bias", "running_mean", "running_var"):
                 tensor = getattr(module, name)
                 if tensor is not None:
@@ -179,7 +179,7 @@ def prune_channels(
 
     for node in gm.graph.find_nodes(op="call_module"):
         module = module_of(gm, node)
-        if weighted_layer(module) is None and type(module) not in _BATCHNORMS:
+        if weighted_layer(module) is None and type(module) not in BATCHNORMS:
             continue
         keep_in = kept(node.args[0]) if weighted_layer(module) is not None else None
         keep_out = kept(node)

@@ -98,8 +98,6 @@ class HistogramObserver(Observer):
 
     def __init__(self, scheme: QScheme, bins: int = 2048, percentile: float = 99.99) -> None:
         super().__init__(scheme)
-        if bins % 4:
-            raise ValueError(f"bins must be a multiple of 4, got {bins}")
         self.bins = bins
         self.percentile = percentile
         self.register_buffer("histogram", torch.zeros(bins, dtype=torch.float64))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from fxcomp.fused import ConvReLU, LinearReLU, add_relu, weighted_layer
 
 __all__ = ["KINDS", "SkipSpec", "kind_of", "op_name", "tensor_inputs"]
 
@@ -110,7 +110,7 @@ _METHODS = {
 }
 
 
-def op_name(gm: GraphModule, node: Node) -> str:
+def op_name(node: Node) -> str:
     """The name ``skip`` matches for a non-module node: function or method name."""
     if node.op == "call_function":
         return getattr(node.target, "__name__", str(node.target))
@@ -134,7 +134,7 @@ def _is_tensor(node: Node) -> bool:
 def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     # a type matches a fused unit through the layer inside it
-    layers = [module, getattr(module, "conv", None), getattr(module, "linear", None)]
+    layers = [module, weighted_layer(module)]
     for spec in skip:
         if isinstance(spec, type) and any(isinstance(m, spec) for m in layers if m is not None):
             return True
@@ -143,7 +143,7 @@ def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
                 module is not None
                 and (node.target == spec or str(node.target).startswith(spec + "."))
             )
-            or (module is None and op_name(gm, node) == spec)
+            or (module is None and op_name(node) == spec)
         ):
             return True
     return False

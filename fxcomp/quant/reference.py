@@ -18,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU
+from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
 from fxcomp.quant.scheme import QScheme
 
 __all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize"]
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def fake_quantize(
@@ -66,16 +64,6 @@ class QuantDequant(FusedModule):
         return f"scale={scale:.6g}, zero_point={zero_point}, dtype={self.scheme.dtype}"
 
 
-def _weighted(layer: nn.Module) -> nn.Module:
-    return (
-        layer.conv
-        if isinstance(layer, ConvReLU)
-        else layer.linear
-        if isinstance(layer, LinearReLU)
-        else layer
-    )
-
-
 class QuantizedWeightLayer(FusedModule):
     """A Conv/Linear (fused with ReLU or not) run with its weight on ``scheme``'s grid.
 
@@ -90,8 +78,8 @@ class QuantizedWeightLayer(FusedModule):
 
     def __init__(self, layer: nn.Module, scheme: QScheme) -> None:
         super().__init__()
-        inner = _weighted(layer)
-        if not isinstance(inner, (*_CONVS, nn.Linear)):
+        inner = weighted_layer(layer)
+        if inner is None:
             raise TypeError(f"cannot quantize the weight of {type(layer).__name__}")
         self.layer = layer
         self.scheme = scheme
@@ -109,7 +97,7 @@ class QuantizedWeightLayer(FusedModule):
     @property
     def weighted(self) -> nn.Module:
         """The Conv or Linear inside."""
-        return _weighted(self.layer)
+        return weighted_layer(self.layer)
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as a quantized tensor (per channel or per tensor)."""
