@@ -24,6 +24,7 @@ from fxcomp.atomic import write_atomic
 from fxcomp.backends import BACKENDS
 from fxcomp.context import AfterPassHook, BeforePassHook, CompileContext
 from fxcomp.errors import BackendError, InputError
+from fxcomp.figures import png_bytes
 from fxcomp.graph import node_counts, state_size
 from fxcomp.pass_manager import PassManager
 from fxcomp.report import PassRecord, Report
@@ -110,5 +111,9 @@ def compile(
         artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir))
         ctx.report.artifacts.append(artifact.to_dict())
     if output_dir is not None:
+        for name, draw in ctx.figures.items():
+            path = Path(output_dir) / f"{name}.png"
+            write_atomic(path, png_bytes(draw))
+            ctx.report.figures[name] = str(path)
         write_atomic(Path(output_dir) / "report.json", json.dumps(ctx.report.to_dict(), indent=2))
     return CompileResult(result.graph_module, artifact, ctx.report)

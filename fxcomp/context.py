@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.fx import GraphModule, Node
 
+from fxcomp.figures import FigureFn
 from fxcomp.graph import source_of
 from fxcomp.report import Note, PassRecord, Report
 
@@ -33,7 +34,9 @@ class CompileContext:
     ``history`` lists the qualified names of the passes that have finished, in order;
     ``current_pass`` is the one running now. ``float_outputs`` are the traced float model's
     outputs on the example inputs, and ``reference_outputs`` the reference quantized graph's
-    (set by ``freeze``): backends verify their artifacts against both.
+    (set by ``freeze``): backends verify their artifacts against both. ``figures`` maps a
+    figure's name to a function that makes it: ``compile`` renders them as PNG files in its
+    ``output_dir`` once every pass has succeeded.
     """
 
     example_inputs: tuple[Any, ...]
@@ -47,6 +50,7 @@ class CompileContext:
     current_pass: str = ""
     float_outputs: Any = None
     reference_outputs: Any = None
+    figures: dict[str, FigureFn] = field(default_factory=dict)
 
     def explain(self, node: Node, rule: str, reason: str) -> None:
         """Record why ``rule`` did not apply at ``node``; ``fxcomp dump --explain`` shows it."""

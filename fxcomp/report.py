@@ -60,11 +60,17 @@ class PassRecord:
 
 @dataclass
 class Report:
-    """The records of every pass (in order, pipelines nested) and the notes they left."""
+    """The records of every pass (in order, pipelines nested) and the notes they left.
+
+    ``tables`` holds per-layer rows a pass recorded (``"prune"``: channels before and after
+    per layer); ``figures`` maps a figure's name to the PNG file a pass wrote for it.
+    """
 
     records: list[PassRecord] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     artifacts: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    figures: dict[str, str] = field(default_factory=dict)
 
     def find(self, name: str) -> PassRecord | None:
         """The first record (depth first) of the pass called ``name``."""
@@ -82,7 +88,13 @@ class Report:
             "passes": [record.to_dict() for record in self.records],
             "notes": [asdict(note) for note in self.notes],
             "artifacts": self.artifacts,
+            "tables": self.tables,
+            "figures": self.figures,
         }
+
+    def table(self, name: str) -> str:
+        """The per-layer table a pass recorded under ``name`` (e.g. "prune"), as text."""
+        return tabulate(self.tables[name], headers="keys", disable_numparse=True)
 
     def __str__(self) -> str:
         rows = []
