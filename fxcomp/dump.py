@@ -154,5 +154,5 @@ def render_groups(gm: GraphModule) -> str:
             f" (+{len(group.values) - 4})" if len(group.values) > 4 else ""
         )
         status = "prunable" if group.prunable else (group.blocked_by or ["one channel"])[0]
-        rows.append([index, members, len(group.channel_sets), status])
+        rows.append([index, members, group.sets, status])
     return tabulate(rows, headers=["group", "values", "channels", "pruning"], disable_numparse=True)

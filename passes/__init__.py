@@ -20,10 +20,12 @@ from fxcomp.passes.lowering import lower, lower_to_kernels
 from fxcomp.passes.observers import insert_observers, observe
 from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_channels
 from fxcomp.passes.quantization import quantize
+from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
 
 __all__ = [
     "BUILTIN",
     "FuseOptions",
+    "SparsifyOptions",
     "calibrate",
     "cse",
     "dce",
@@ -42,9 +44,18 @@ __all__ = [
     "pruning_plan",
     "quantize",
     "run_calibration",
+    "sparsify",
+    "sparsify_weights",
     "zero_channels",
 ]
 
 BUILTIN = MappingProxyType(
-    {"fuse": fuse, "cse": cse, "dce": dce, "prune": prune, "quantize": quantize}
+    {
+        "fuse": fuse,
+        "cse": cse,
+        "dce": dce,
+        "prune": prune,
+        "sparsify": sparsify,
+        "quantize": quantize,
+    }
 )

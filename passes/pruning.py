@@ -1,23 +1,37 @@
 """Channel pruning: remove whole channel sets from every layer they pass through.
 
 ``Conv(x)[C] -> Conv'(x)[C - k]`` and every consumer with it: the channel dependency graph
-(``fxcomp.channels``) says which channels are tied; in each prunable group the ``ratio``
-of channel sets with the lowest importance (L2 or L1 magnitude of every weight they touch:
-producer rows, BatchNorm scale and shift, consumer columns; or random) is removed, and
-Conv, Linear and BatchNorm parameters, buffers and attributes are sliced for real. The
-result is an ordinary smaller model. Groups that touch the model's inputs or outputs, or an
-op the graph does not know, keep all their channels.
+(``fxcomp.channels``) says which channels are tied; in each prunable group the channel sets
+with the lowest importance are removed, and Conv, Linear, BatchNorm and GroupNorm
+parameters, buffers and attributes are sliced for real, ``split`` sizes and the sizes a
+``view``/``reshape`` bakes into the graph are rewritten. The result is an ordinary smaller
+model. Groups that touch the model's inputs or outputs, or an op the graph does not know,
+keep all their channels.
+
+Importance of a channel set sums, over every weight that carries one of its channels
+(producer rows and bias, BatchNorm/GroupNorm scale and shift, consumer columns):
+``"l2"`` |w|^2, ``"l1"`` |w|, ``"taylor"`` |w * dL/dw| on ``data`` (first order), or
+``"bn_scale"`` |gamma| of the group's BatchNorms (``"l2"`` where a group has none);
+``"random"`` is seeded. ``scope="local"`` removes ``ratio`` of every group;
+``scope="global"`` ranks all channel sets together (scores divided by their group's mean)
+and removes ``ratio`` of them all.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcomp.channel_report import importance_figure, layer_table, merge_tables
 from fxcomp.channels import ChannelGraph, Group
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
@@ -26,189 +40,464 @@ from fxcomp.graph import BATCHNORMS, module_of
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.trace import propagate_shapes
 
-__all__ = ["PruneOptions", "prune", "prune_channels", "pruning_plan", "zero_channels"]
+__all__ = [
+    "GroupPlan",
+    "Plan",
+    "PruneOptions",
+    "prune",
+    "prune_channels",
+    "pruning_plan",
+    "zero_channels",
+]
 
-Channel = tuple[str, int]
+IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "random")
 
 
 @dataclass(frozen=True)
 class PruneOptions:
-    """How much to prune and how to rank channels."""
+    """How much to prune, where, and how to rank channels (see ``prune``)."""
 
     ratio: float = 0.5
     importance: str = "l2"
+    scope: str = "local"
+    ignore: tuple[str, ...] = ()
+    ratios: Mapping[str, float] = field(default_factory=dict)
     round_to: int | None = None
     min_channels: int = 1
     seed: int = 0
+    data: Iterable[Any] | None = None
+    loss: Callable[[Any, Any], torch.Tensor] = F.cross_entropy
+
+    def check(self) -> None:
+        """Raise ``InputError`` naming the option that cannot be used."""
+        for name, ratio in {"ratio": self.ratio, **self.ratios}.items():
+            if not 0 <= ratio < 1:
+                raise InputError(f"prune ratio must be in [0, 1), got {ratio} for {name}")
+        if self.importance not in IMPORTANCES:
+            raise InputError(
+                f"unknown importance '{self.importance}'", hint=f"use {', '.join(IMPORTANCES)}"
+            )
+        if self.scope not in ("local", "global"):
+            raise InputError(f"unknown scope '{self.scope}'", hint="use local or global")
+        if self.importance == "taylor" and self.data is None:
+            raise InputError(
+                "taylor importance needs data",
+                hint="pass data=[(inputs, targets), ...] for the gradients of loss(model(x), y)",
+            )
 
 
-def _carriers(gm: GraphModule, node: Node) -> list[tuple[torch.Tensor, int]]:
-    """The parameters that carry the channels of ``node``'s value, each with its channel axis:
-    producer rows and bias, BatchNorm scale and shift, consumer columns."""
-    found: list[tuple[torch.Tensor, int]] = []
+@dataclass(frozen=True)
+class Carrier:
+    """A weight that carries a value's channels along ``axis``; a grouped convolution's
+    weight carries its input channel ``c`` in the rows of group ``c // per_group`` only."""
+
+    tensor: torch.Tensor
+    axis: int
+    groups: int = 1
+
+    def per_channel(self, elementwise: torch.Tensor) -> torch.Tensor:
+        """Sum ``elementwise`` (shaped like the tensor) over everything but the channel."""
+        if self.groups == 1:
+            moved = elementwise.movedim(self.axis, 0)
+            return moved.reshape(moved.shape[0], -1).sum(1)
+        rows, per_group = elementwise.shape[:2]
+        blocks = elementwise.reshape(self.groups, rows // self.groups, per_group, -1)
+        return blocks.sum((1, 3)).reshape(-1)
+
+    def zero(self, channel: int) -> None:
+        if self.groups == 1:
+            self.tensor.select(self.axis, channel).zero_()
+            return
+        per_group = self.tensor.shape[1]
+        blocks = self.tensor.view(self.groups, -1, per_group, *self.tensor.shape[2:])
+        blocks[channel // per_group, :, channel % per_group].zero_()
+
+
+def _carriers(gm: GraphModule, node: Node) -> list[Carrier]:
+    """The parameters that carry the channels of ``node``'s value: producer rows and bias,
+    BatchNorm/GroupNorm scale and shift, consumer columns."""
+    found = []
     module = module_of(gm, node)
     layer = weighted_layer(module)
     if layer is not None:
-        found.append((layer.weight, 0))
-        if layer.bias is not None:
-            found.append((layer.bias, 0))
-    elif type(module) in BATCHNORMS and module.affine:
-        found += [(module.weight, 0), (module.bias, 0)]
+        found += [Carrier(t, 0) for t in (layer.weight, layer.bias) if t is not None]
+    elif (type(module) in BATCHNORMS or isinstance(module, nn.GroupNorm)) and module.affine:
+        found += [Carrier(module.weight, 0), Carrier(module.bias, 0)]
     for user in node.users:
         consumer = weighted_layer(module_of(gm, user))
-        if consumer is not None and user.args[0] is node and getattr(consumer, "groups", 1) == 1:
-            found.append((consumer.weight, 1))
+        if consumer is None or user.args[0] is not node:
+            continue
+        groups = getattr(consumer, "groups", 1)
+        if groups == 1:
+            found.append(Carrier(consumer.weight, 1))
+        elif consumer.in_channels // groups > 1:  # depthwise: the output rows carry them
+            found.append(Carrier(consumer.weight, 1, groups))
     return found
 
 
-def _channel_scores(gm: GraphModule, node: Node, power: int) -> torch.Tensor:
-    """Per channel of ``node``'s value: the summed |w|^power of every weight carrying it."""
-    scores = torch.zeros(node.meta["tensor_meta"].shape[1], dtype=torch.float64)
-    for tensor, axis in _carriers(gm, node):
-        magnitude = tensor.detach().abs().double().pow(power)
-        scores += magnitude.movedim(axis, 0).reshape(magnitude.shape[axis], -1).sum(1)
-    return scores
+@dataclass
+class GroupPlan:
+    """One prunable group: its channel sets' scores and which of them go."""
+
+    group: Group
+    ratio: float
+    scores: list[float]
+    fixed: bool = False  # its ratio comes from ``ratios``: global ranking leaves it alone
+    removed: list[int] = field(default_factory=list)
 
 
-def pruning_plan(
-    gm: GraphModule, options: PruneOptions
-) -> tuple[list[Group], list[frozenset[Channel]]]:
-    """The groups of ``gm`` and the channel sets ``options`` removes from them."""
-    if not 0 <= options.ratio < 1:
-        raise InputError(f"prune ratio must be in [0, 1), got {options.ratio}")
-    if options.importance not in ("l1", "l2", "random"):
-        raise InputError(f"unknown importance '{options.importance}'", hint="use l1, l2 or random")
+@dataclass
+class Plan:
+    """The channel graph, every group, the prunable ones' plans, and the channel sets cut."""
+
+    graph: ChannelGraph
+    groups: list[Group]
+    plans: list[GroupPlan]
+
+    def removed(self) -> dict[str, torch.Tensor]:
+        """The channels removed from each value, in order (values that lose none left out)."""
+        found = {}
+        for plan in self.plans:
+            cut = torch.zeros(plan.group.sets, dtype=torch.bool)
+            cut[plan.removed] = True
+            for value, labels in plan.group.members.items():
+                channels = cut[labels].nonzero().flatten()
+                if len(channels):
+                    found[value] = channels
+        return found
+
+
+def _matches(patterns: Iterable[str], gm: GraphModule, nodes: dict[str, Node], value: str):
+    node = nodes[value]
+    names = {value, node.target} if node.op == "call_module" else {value}
+    return next((p for p in patterns for n in names if fnmatch.fnmatchcase(str(n), p)), None)
+
+
+def _elementwise(options: PruneOptions) -> Callable[[torch.Tensor], torch.Tensor]:
+    if options.importance == "l1":
+        return lambda t: t.detach().abs().double()
+    if options.importance == "taylor":
+        return lambda t: (t.detach() * _grad(t)).abs().double()
+    return lambda t: t.detach().double().pow(2)
+
+
+def _grad(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+
+
+def _value_scores(gm: GraphModule, node: Node, measure: Callable) -> torch.Tensor | None:
+    """Per channel of ``node``'s value: ``measure`` summed over every weight carrying it."""
+    scores = [c.per_channel(measure(c.tensor)) for c in _carriers(gm, node)]
+    return torch.stack(scores).sum(0) if scores else None
+
+
+def _group_scores(
+    gm: GraphModule, group: Group, options: PruneOptions, generator: torch.Generator
+) -> list[float]:
+    if options.importance == "random":
+        return torch.rand(group.sets, generator=generator).tolist()
     nodes = {n.name: n for n in gm.graph.nodes}
-    groups = ChannelGraph.build(gm).groups()
+    measure = _elementwise(options)
+    if options.importance == "bn_scale":
+        norms = [v for v in group.values if type(module_of(gm, nodes[v])) in BATCHNORMS]
+        if norms:
+            gammas = {v: module_of(gm, nodes[v]).weight.detach().abs().double() for v in norms}
+            return _set_scores(group, gammas)
+    scores = {v: _value_scores(gm, nodes[v], measure) for v in group.values}
+    return _set_scores(group, {v: s for v, s in scores.items() if s is not None})
+
+
+def _set_scores(group: Group, per_value: dict[str, torch.Tensor]) -> list[float]:
+    total = torch.zeros(group.sets, dtype=torch.float64)
+    for value, scores in per_value.items():
+        total.index_add_(0, group.members[value], scores)
+    return total.tolist()
+
+
+def _taylor_gradients(gm: GraphModule, options: PruneOptions) -> None:
+    """Accumulate d loss / d w over ``options.data`` into every parameter's ``grad``."""
+    gm.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for inputs, targets in options.data:
+            inputs = inputs if isinstance(inputs, tuple | list) else (inputs,)
+            options.loss(gm(*inputs), targets).backward()
+
+
+def pruning_plan(gm: GraphModule, options: PruneOptions) -> Plan:
+    """The groups of ``gm`` and the channel sets ``options`` removes from them."""
+    options.check()
+    graph = ChannelGraph.build(gm)
+    groups = graph.groups()
+    nodes = {n.name: n for n in gm.graph.nodes}
     generator = torch.Generator().manual_seed(options.seed)
-    removed: list[frozenset[Channel]] = []
+    if options.importance == "taylor":
+        _taylor_gradients(gm, options)
+    plans = []
     for group in groups:
-        if not group.prunable:
+        if not group.prunable or any(_matches(options.ignore, gm, nodes, v) for v in group.values):
             continue
-        total = len(group.channel_sets)
-        keep = max(options.min_channels, total - math.floor(total * options.ratio))
+        pattern = next(
+            (p for v in group.values if (p := _matches(options.ratios, gm, nodes, v))), None
+        )
+        ratio = options.ratios[pattern] if pattern else options.ratio
+        scores = _group_scores(gm, group, options, generator)
+        plans.append(GroupPlan(group, ratio, scores, fixed=pattern is not None))
+    if options.importance == "taylor":
+        gm.zero_grad(set_to_none=True)
+    counts = _global_counts(plans, options) if options.scope == "global" else None
+    for i, plan in enumerate(plans):
+        total = plan.group.sets
+        count = counts[i] if counts else math.floor(total * plan.ratio)
+        keep = max(options.min_channels, total - count)
         if options.round_to:
             keep = max(options.round_to, round(keep / options.round_to) * options.round_to)
         keep = min(keep, total)
-        if keep == total:
-            continue
-        if options.importance == "random":
-            scores = torch.rand(total, generator=generator).tolist()
-        else:
-            power = 1 if options.importance == "l1" else 2
-            per_value = {v: _channel_scores(gm, nodes[v], power) for v in group.values}
-            scores = [sum(per_value[v][c].item() for v, c in s) for s in group.channel_sets]
-        removed += _lowest(group, scores, total - keep, nodes, options)
-    return groups, removed
+        floor_ratio = plan.ratio if counts is None else 1.0
+        plan.removed = _lowest(plan, total - keep, nodes, graph, floor_ratio, options)
+    return Plan(graph, groups, plans)
+
+
+def _global_counts(plans: list[GroupPlan], options: PruneOptions) -> list[int]:
+    """How many channel sets each group loses when all are ranked together, scores divided
+    by their group's mean (groups named in ``ratios`` keep their own share)."""
+    ranked = []
+    for i, plan in enumerate(plans):
+        if not plan.fixed:
+            mean = sum(plan.scores) / len(plan.scores) or 1.0
+            ranked += [(score / mean, i) for score in plan.scores]
+    counts = [math.floor(len(p.scores) * p.ratio) if p.fixed else 0 for p in plans]
+    for _, i in sorted(ranked)[: math.floor(len(ranked) * options.ratio)]:
+        counts[i] += 1
+    return counts
 
 
 def _lowest(
-    group: Group, scores: list[float], count: int, nodes: dict[str, Node], options: PruneOptions
-) -> list[frozenset[Channel]]:
+    plan: GroupPlan,
+    count: int,
+    nodes: dict[str, Node],
+    graph: ChannelGraph,
+    ratio: float,
+    options: PruneOptions,
+) -> list[int]:
     """Up to ``count`` lowest-scoring channel sets whose removal leaves every value of the group
     at least its share: a ``cat`` ties several layers into one group, and each keeps
     ``1 - ratio`` of its own channels."""
-    left = {v: nodes[v].meta["tensor_meta"].shape[1] for v in group.values}
-    floor = {
-        v: max(options.min_channels, n - math.floor(n * options.ratio)) for v, n in left.items()
-    }
+    group = plan.group
+    counts = torch.stack(
+        [torch.bincount(group.members[v], minlength=group.sets) for v in group.values]
+    )
+    left = counts.sum(1)
+    floor = torch.clamp(left - torch.floor(left * ratio).long(), min=options.min_channels)
+    order = sorted(range(group.sets), key=plan.scores.__getitem__)
+    if bool((counts == counts[:, :1]).all()):  # every set holds the same channels of each value
+        room = int(((left - floor) // counts[:, 0].clamp(min=1)).min())
+        return sorted(order[: min(count, room)])
     chosen = []
-    for i in sorted(range(len(scores)), key=lambda i: scores[i]):
+    for i in order:
         if len(chosen) == count:
             break
-        per_value: dict[str, int] = {}
-        for value, _ in group.channel_sets[i]:
-            per_value[value] = per_value.get(value, 0) + 1
-        if all(left[v] - n >= floor[v] for v, n in per_value.items()):
-            for v, n in per_value.items():
-                left[v] -= n
-            chosen.append(group.channel_sets[i])
-    return chosen
+        if bool((left - counts[:, i] >= floor).all()):
+            left -= counts[:, i]
+            chosen.append(i)
+    return sorted(chosen)
 
 
-def zero_channels(gm: GraphModule, removed: list[frozenset[Channel]]) -> None:
-    """Zero every parameter slice of the ``removed`` channels (the exactness oracle's model)."""
+def zero_channels(gm: GraphModule, plan: Plan) -> None:
+    """Zero every parameter slice of the planned channels (the exactness oracle's model)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
-        for channel_set in removed:
-            for value, c in channel_set:
-                for tensor, axis in _carriers(gm, nodes[value]):
-                    tensor.select(axis, c).zero_()
+        for value, channels in plan.removed().items():
+            for carrier in _carriers(gm, nodes[value]):
+                for c in channels.tolist():
+                    carrier.zero(c)
 
 
-def _slice_module(module: nn.Module, keep_in: torch.Tensor | None, keep_out: torch.Tensor) -> None:
-    """Slice ``module`` in place to the kept input and output channels."""
-    layer = weighted_layer(module)
-    with torch.no_grad():
-        if type(module) in BATCHNORMS:
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                tensor = getattr(module, name)
-                if tensor is not None:
-                    tensor.data = tensor.data[keep_out].clone()
-            module.num_features = len(keep_out)
-            return
-        depthwise = isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1
-        weight = layer.weight.data[keep_out]
-        if keep_in is not None and not depthwise:
-            weight = weight[:, keep_in]
-        layer.weight.data = weight.clone()
-        if layer.bias is not None:
-            layer.bias.data = layer.bias.data[keep_out].clone()
-        if isinstance(layer, nn.Linear):
-            layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
-        else:
-            layer.out_channels = weight.shape[0]
-            layer.in_channels = len(keep_out) if depthwise else weight.shape[1] * layer.groups
-            if depthwise:
-                layer.groups = len(keep_out)
+def _slice_layer(layer: nn.Module, keep_in: torch.Tensor, keep_out: torch.Tensor) -> None:
+    """Slice a Conv or Linear in place to the kept input and output channels."""
+    weight = layer.weight.data[keep_out]
+    groups = getattr(layer, "groups", 1)
+    per_in = weight.shape[1]
+    if len(keep_in) == per_in * groups:
+        pass  # no input channel removed
+    elif groups == 1:
+        weight = weight[:, keep_in]
+    elif per_in > 1:  # grouped: every group kept the same within-group channels
+        weight = weight[:, keep_in[keep_in < per_in]]
+    layer.weight.data = weight.clone()
+    if layer.bias is not None:
+        layer.bias.data = layer.bias.data[keep_out].clone()
+    if isinstance(layer, nn.Linear):
+        layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
+        return
+    if groups > 1 and per_in == 1:  # depthwise: one group per kept input channel
+        layer.groups = len(keep_in)
+    layer.out_channels, layer.in_channels = weight.shape[0], len(keep_in)
+
+
+def _slice_norm(module: nn.Module, keep: torch.Tensor) -> None:
+    """Slice a BatchNorm or GroupNorm in place to the kept channels."""
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        tensor = getattr(module, name, None)
+        if tensor is not None:
+            tensor.data = tensor.data[keep].clone()
+    if isinstance(module, nn.GroupNorm):
+        per_group = module.num_channels // module.num_groups
+        module.num_channels, module.num_groups = len(keep), len(keep) // per_group
+    else:
+        module.num_features = len(keep)
+
+
+class _Kept:
+    """The channels of each value that remain once ``plan`` is applied."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.spans = plan.graph.spans
+        self.gone = plan.removed()
+
+    def __call__(self, value: Node, size: int | None = None) -> torch.Tensor:
+        """The kept channels of ``value`` (all ``size`` when it loses none)."""
+        if value.name not in self.gone:
+            return torch.arange(self.spans[value.name].size if size is None else size)
+        keep = torch.ones(self.spans[value.name].size, dtype=torch.bool)
+        keep[self.gone[value.name]] = False
+        return keep.nonzero().flatten()
+
+    def shape(self, value: Node) -> list[int]:
+        """``value``'s shape once pruned."""
+        shape = list(value.meta["tensor_meta"].shape)
+        span = self.spans.get(value.name)
+        if span is not None and value.name in self.gone:
+            shape[span.axis : span.axis + len(span.dims)] = span.shrunk(len(self(value)))
+        return shape
+
+
+def _rewrite_split(node: Node, plan: Plan, kept: _Kept) -> None:
+    """Give a ``split``/``chunk`` on the channel axis its pruned piece sizes."""
+    split = plan.graph.splits[node.name]
+    span = plan.graph.spans[split.source.name]
+    if split.dim != span.axis or split.source.name not in kept.gone:
+        return
+    left = kept(split.source)
+    bounds = torch.tensor(split.sizes).cumsum(0)
+    sizes = torch.bincount(torch.bucketize(left, bounds, right=True), minlength=len(bounds))
+    node.target = torch.split if node.op == "call_function" else "split"
+    node.args, node.kwargs = (split.source, sizes.tolist()), {"dim": split.dim}
+
+
+def _rewrite_view(node: Node, kept: _Kept) -> None:
+    """Rewrite the literal sizes a ``view``/``reshape`` bakes in to the pruned shape."""
+    new = kept.shape(node)
+    packed = len(node.args) == 2 and isinstance(node.args[1], list | tuple)
+    sizes = list(node.args[1] if packed else node.args[1:])
+    if len(sizes) != len(new):
+        return
+    sizes = [n if isinstance(s, int) and s != -1 else s for s, n in zip(sizes, new, strict=True)]
+    node.args = (node.args[0], sizes) if packed else (node.args[0], *sizes)
+
+
+def _apply(gm: GraphModule, plan: Plan) -> None:
+    """Slice every layer and rewrite every baked size for the planned removals."""
+    kept = _Kept(plan)
+    for node in gm.graph.nodes:
+        module = module_of(gm, node)
+        layer = weighted_layer(module)
+        if layer is not None:
+            inputs = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+            outputs = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            _slice_layer(layer, kept(node.args[0], inputs), kept(node, outputs))
+        elif (type(module) in BATCHNORMS or isinstance(module, nn.GroupNorm)) and (
+            node.name in kept.gone
+        ):
+            _slice_norm(module, kept(node))
+        elif node.name in plan.graph.splits:
+            _rewrite_split(node, plan, kept)
+        elif node.name in plan.graph.spans and node.target in ("view", "reshape", torch.reshape):
+            _rewrite_view(node, kept)
+    gm.graph.lint()
+    gm.recompile()
 
 
 def prune_channels(
-    gm: GraphModule, ctx: CompileContext, *, options: PruneOptions = PruneOptions()
+    gm: GraphModule,
+    ctx: CompileContext,
+    *,
+    options: PruneOptions = PruneOptions(),
+    steps: int = 1,
+    between_steps: Callable[[GraphModule, int], None] | None = None,
 ) -> PassResult:
-    """Remove the planned channel sets from every layer (module docstring)."""
-    _, removed = pruning_plan(gm, options)
-    if not removed:
-        return PassResult(gm, modified=False)
-    gone = {channel for channel_set in removed for channel in channel_set}
+    """Remove the planned channel sets from every layer, in ``steps`` rounds (module doc)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"prune steps must be a positive integer, got {steps!r}")
+    modified = False
+    for step in range(1, steps + 1):
+        plan = pruning_plan(gm, _step_options(options, step, steps))
+        if step == 1:
+            ctx.figures["prune_importance"] = functools.partial(importance_figure, plan)
+            before = layer_table(gm, plan)
+        if any(p.removed for p in plan.plans):
+            _apply(gm, plan)
+            propagate_shapes(gm, ctx.example_inputs)
+            modified = True
+        if between_steps is not None and step < steps:
+            between_steps(gm, step)
+    ctx.report.tables["prune"] = merge_tables(before, layer_table(gm, None))
+    return PassResult(gm, modified=modified)
 
-    def kept(node: Node) -> torch.Tensor:
-        count = node.meta["tensor_meta"].shape[1]
-        kept_channels = [c for c in range(count) if (node.name, c) not in gone]
-        return torch.tensor(kept_channels, dtype=torch.long)
 
-    for node in gm.graph.find_nodes(op="call_module"):
-        module = module_of(gm, node)
-        if weighted_layer(module) is None and type(module) not in BATCHNORMS:
-            continue
-        keep_in = kept(node.args[0]) if weighted_layer(module) is not None else None
-        keep_out = kept(node)
-        unchanged = len(keep_out) == node.meta["tensor_meta"].shape[1] and (
-            keep_in is None or len(keep_in) == node.args[0].meta["tensor_meta"].shape[1]
-        )
-        if not unchanged:
-            _slice_module(module, keep_in, keep_out)
-    propagate_shapes(gm, ctx.example_inputs)
-    return PassResult(gm, modified=True)
+def _step_options(options: PruneOptions, step: int, steps: int) -> PruneOptions:
+    """The share of what is left that round ``step`` of ``steps`` removes, so that the
+    rounds together remove ``ratio`` of the original channels."""
+
+    def share(ratio: float) -> float:
+        done, target = ratio * (step - 1) / steps, ratio * step / steps
+        return 1 - (1 - target) / (1 - done)
+
+    ratios = {name: share(r) for name, r in options.ratios.items()}
+    return replace(options, ratio=share(options.ratio), ratios=ratios)
 
 
 def prune(
     ratio: float = 0.5,
     *,
     importance: str = "l2",
+    scope: str = "local",
+    ignore: Sequence[str] = (),
+    ratios: Mapping[str, float] | None = None,
     round_to: int | None = None,
+    steps: int = 1,
     min_channels: int = 1,
+    data: Iterable[Any] | None = None,
+    loss: Callable[[Any, Any], torch.Tensor] = F.cross_entropy,
+    between_steps: Callable[[GraphModule, int], None] | None = None,
     seed: int = 0,
 ) -> Pass:
     """Remove ``ratio`` of the channels of every prunable group, ranked by ``importance``.
 
+    ``ignore`` and the keys of ``ratios`` are module or node names, shell patterns allowed
+    (``"layer4.*"``): a group with an ignored member keeps its channels, a group with a
+    member named in ``ratios`` loses that share instead. ``round_to`` keeps channel counts
+    multiples of N. ``steps`` prunes in rounds, re-ranking after each and calling
+    ``between_steps(gm, step)`` (fine-tune there). ``data`` (batches of ``(inputs,
+    targets)``) and ``loss`` feed the ``"taylor"`` importance.
+
     Example::
 
-        fxcomp.compile(model, x, passes=[fxcomp.passes.prune(0.5)])
+        fxcomp.compile(model, x, passes=[fxcomp.passes.prune(0.5, ignore=["layer4.*"])])
     """
-    options = PruneOptions(ratio, importance, round_to, min_channels, seed)
+    options = PruneOptions(
+        ratio,
+        importance,
+        scope,
+        tuple(ignore),
+        dict(ratios or {}),
+        round_to,
+        min_channels,
+        seed,
+        data,
+        loss,
+    )
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
-        return prune_channels(gm, ctx, options=options)
+        return prune_channels(gm, ctx, options=options, steps=steps, between_steps=between_steps)
 
     return Pass("prune", run, run_before=("quantize", "qat"))

@@ -139,7 +139,7 @@ def test_passes_lists_the_built_in_passes():
     run = fxcomp("passes")
     assert run.returncode == 0
     names = [line.split()[0] for line in run.stdout.splitlines()]
-    assert names == ["fuse", "cse", "dce", "prune", "quantize"]
+    assert names == ["fuse", "cse", "dce", "prune", "sparsify", "quantize"]
 
 
 def test_console_script_is_installed():

@@ -28,10 +28,10 @@ def oracle(
 ) -> fxcomp.CompileResult:
     """Prune ``model`` and check the result against the zeroed model; return the result."""
     base = fxcomp.compile(model, x, passes=list(passes)).module
-    _, removed = pruning_plan(base, PruneOptions(ratio))
-    assert removed, "nothing to prune"
+    plan = pruning_plan(base, PruneOptions(ratio))
+    assert plan.removed(), "nothing to prune"
     zeroed = copy.deepcopy(base)
-    zero_channels(zeroed, removed)
+    zero_channels(zeroed, plan)
     result = fxcomp.compile(model, x, passes=[*passes, prune(ratio)])
     with torch.no_grad():
         assert relative_error(result.module(x), zeroed(x)) < 1e-5
@@ -112,23 +112,25 @@ def test_unknown_ops_block_their_groups_by_name(x):
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 1)
-            self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.mid = nn.Conv2d(8, 8, 3, padding=1)
+            self.norm = nn.LayerNorm(8)
             self.head = nn.Conv2d(8, 4, 1)
 
         def forward(self, x):
             y = torch.roll(self.conv(x), 1, dims=1)  # moves channels: not element-wise
-            a, b = self.grouped(y).chunk(2, dim=1)
-            return self.head(torch.cat([b, a], 1))
+            y = self.norm(self.mid(y).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            return self.head(y)
 
     gm = fxcomp.trace(Unknown().eval(), x)
     groups = ChannelGraph.build(gm).groups()
     reasons = " | ".join(r for g in groups for r in g.blocked_by)
     assert "'roll': call_function torch.roll is not known to prune" in reasons
-    assert "'grouped': grouped convolution" in reasons
-    assert "'chunk': call_method .chunk() is not known to prune" in reasons
+    assert "'norm': LayerNorm normalises over the channels" in reasons
     assert "test_prune.py:" in reasons and "`y = torch.roll(self.conv(x)" in reasons
     result = fxcomp.compile(Unknown().eval(), x, passes=[prune(0.5)])
     assert not result.report.find("prune").modified
+    table = result.report.table("prune")
+    assert "kept: 'roll': call_function torch.roll is not known to prune" in table
 
 
 def test_ratio_zero_is_the_identity_and_second_run_is_honest(x, ctx):
@@ -151,8 +153,14 @@ def test_round_to_keeps_multiples(x):
 def test_bad_ratio_and_importance(x):
     with pytest.raises(fxcomp.PassError, match=r"ratio must be in \[0, 1\)"):
         fxcomp.compile(Squeeze().eval(), x, passes=[prune(1.0)])
-    with pytest.raises(fxcomp.PassError, match="unknown importance 'taylor'"):
+    with pytest.raises(fxcomp.PassError, match="unknown importance 'fisher'"):
+        fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5, importance="fisher")])
+    with pytest.raises(fxcomp.PassError, match="taylor importance needs data"):
         fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5, importance="taylor")])
+    with pytest.raises(fxcomp.PassError, match="unknown scope 'layer'"):
+        fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5, scope="layer")])
+    with pytest.raises(fxcomp.PassError, match="steps must be a positive integer"):
+        fxcomp.compile(Squeeze().eval(), x, passes=[prune(0.5, steps=0)])
 
 
 @pytest.mark.parametrize("importance", ["l1", "l2", "random"])
@@ -160,9 +168,9 @@ def test_importance_choices_keep_the_oracle(x, importance):
     torch.manual_seed(0)
     model = Squeeze().eval()
     base = fxcomp.trace(model, x)
-    _, removed = pruning_plan(base, PruneOptions(0.5, importance=importance))
+    plan = pruning_plan(base, PruneOptions(0.5, importance=importance))
     zeroed = copy.deepcopy(base)
-    zero_channels(zeroed, removed)
+    zero_channels(zeroed, plan)
     gm = fxcomp.compile(model, x, passes=[prune(0.5, importance=importance)]).module
     assert relative_error(gm(x), zeroed(x)) < 1e-5
 
