@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxcomp
 from fxcomp import CompileContext
+from fxcomp.passes import prune, pruning_plan, zero_channels
+from fxcomp.passes.pruning import PruneOptions
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -22,6 +27,22 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
     return model
+
+
+def oracle(
+    model: nn.Module, x: torch.Tensor, ratio: float = 0.5, passes=(), **options
+) -> fxcomp.CompileResult:
+    """Prune ``model`` and check the result against the zeroed model (every parameter slice
+    of the channels about to go set to zero): equal within 1e-5 relative."""
+    base = fxcomp.compile(model, x, passes=list(passes)).module
+    plan = pruning_plan(base, PruneOptions(ratio, **options))
+    assert plan.removed(), "nothing to prune"
+    zeroed = copy.deepcopy(base)
+    zero_channels(zeroed, plan)
+    result = fxcomp.compile(model, x, passes=[*passes, prune(ratio, **options)])
+    with torch.no_grad():
+        assert relative_error(result.module(x), zeroed(x)) < 1e-5
+    return result
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

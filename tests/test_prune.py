@@ -18,24 +18,10 @@ from torch import nn
 import fxcomp
 from fxcomp import PassManager
 from fxcomp.channels import ChannelGraph
+from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.passes import fuse, prune, pruning_plan, zero_channels
 from fxcomp.passes.pruning import PruneOptions
-from tests.conftest import randomize_batchnorm, relative_error
-
-
-def oracle(
-    model: nn.Module, x: torch.Tensor, ratio: float = 0.5, passes=()
-) -> fxcomp.CompileResult:
-    """Prune ``model`` and check the result against the zeroed model; return the result."""
-    base = fxcomp.compile(model, x, passes=list(passes)).module
-    plan = pruning_plan(base, PruneOptions(ratio))
-    assert plan.removed(), "nothing to prune"
-    zeroed = copy.deepcopy(base)
-    zero_channels(zeroed, plan)
-    result = fxcomp.compile(model, x, passes=[*passes, prune(ratio)])
-    with torch.no_grad():
-        assert relative_error(result.module(x), zeroed(x)) < 1e-5
-    return result
+from tests.conftest import oracle, randomize_batchnorm, relative_error
 
 
 class Branches(nn.Module):
@@ -196,3 +182,16 @@ def test_torchvision_models_keep_the_oracle(name):
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in result.module.parameters())
     assert after < 0.45 * before
+
+
+@pytest.mark.slow
+def test_digits_pruned_by_half_recovers_within_a_point_in_two_epochs():
+    data = load_digits_split()
+    model = train(DigitsNet(width=32), data, progress=False)
+    unpruned = accuracy(model, data.test_x, data.test_y)
+    gm = fxcomp.compile(model, data.test_x[:2], passes=[prune(0.5)]).module
+    assert sum(p.numel() for p in gm.parameters()) < 0.3 * sum(
+        p.numel() for p in model.parameters()
+    )
+    tuned = train(gm, data, epochs=2, progress=False)
+    assert accuracy(tuned, data.test_x, data.test_y) >= unpruned - 1.0

@@ -12,7 +12,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp import FxcompError, InputError
-from fxcomp.passes import fuse, quantize
+from fxcomp.passes import fuse, prune, quantize
 
 RUN_SAVED = """
 import sys, torch, fxcomp
@@ -52,10 +52,11 @@ def test_round_trip_in_a_fresh_process_without_the_model_class(residual_net, ima
 
 
 @pytest.mark.slow
-def test_fused_resnet50_round_trip_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("passes", [[fuse()], [prune(0.5), fuse()]], ids=["fused", "pruned"])
+def test_resnet50_round_trip_in_a_fresh_process(tmp_path, passes):
     model = torchvision.models.resnet50().eval()
     shape = (1, 3, 224, 224)
-    gm = fxcomp.compile(model, torch.randn(shape), passes=[fuse()]).module
+    gm = fxcomp.compile(model, torch.randn(shape), passes=passes).module
     fxcomp.save(gm, tmp_path / "r50.fxgraph")
     x = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
     with torch.no_grad():
