@@ -75,7 +75,8 @@ def _passes(names: str, **options: Any) -> list[Any]:
         raise InputError("quantize needs calibration data", hint="use fxcomp compile --calib ...")
     wanted = {
         "quantize": ("calibration_data", "engine", "observer"),
-        "prune": ("ratio",),
+        "prune": ("ratio", "importance", "scope", "ignore", "round_to"),
+        "sparsify": ("amount",),
     }
     return [
         BUILTIN[n](**{k: v for k, v in options.items() if k in wanted.get(n, ())}) for n in chosen
@@ -149,6 +150,17 @@ _observer_option = click.option(
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
 @click.option("--ratio", default=0.5, show_default=True, help="Share of channels prune removes.")
+@click.option(
+    "--importance",
+    type=click.Choice(["l2", "l1", "bn_scale", "random"]),
+    default="l2",
+    show_default=True,
+    help="How prune ranks channels.",
+)
+@click.option("--scope", type=click.Choice(["local", "global"]), default="local", show_default=True)
+@click.option("--ignore", multiple=True, help="Layer whose channels prune keeps (pattern).")
+@click.option("--round-to", type=int, default=None, help="Keep channel counts multiples of N.")
+@click.option("--amount", default=0.5, show_default=True, help="Share of weights sparsify zeroes.")
 @_engine_option
 @_observer_option
 @click.option(
@@ -163,6 +175,11 @@ def compile_command(
     calib: str,
     calib_batches: int,
     ratio: float,
+    importance: str,
+    scope: str,
+    ignore: tuple[str, ...],
+    round_to: int | None,
+    amount: float,
     engine: str,
     observer: str,
     backend: str,
@@ -176,7 +193,16 @@ def compile_command(
     shape = parse_shape(input_shape)
     data = calibration_batches(calib, shape, batches=calib_batches)
     passes = _passes(
-        pass_names, calibration_data=data, engine=engine, observer=observer, ratio=ratio
+        pass_names,
+        calibration_data=data,
+        engine=engine,
+        observer=observer,
+        ratio=ratio,
+        importance=importance,
+        scope=scope,
+        ignore=ignore,
+        round_to=round_to,
+        amount=amount,
     )
     network = load_model(model)
     result = compile(
@@ -189,6 +215,10 @@ def compile_command(
         engine=engine,
     )
     click.echo(str(result.report))
+    for name in result.report.tables:
+        click.echo(f"\n{name}, per layer:\n{result.report.table(name)}")
+    for name, path in result.report.figures.items():
+        click.echo(f"{name}: {path}")
     artifact = result.artifact
     float_mib = state_size(network)[1] / 2**20
     size_mib = artifact.path.stat().st_size / 2**20

@@ -95,22 +95,25 @@ class Carrier:
     axis: int
     groups: int = 1
 
-    def per_channel(self, elementwise: torch.Tensor) -> torch.Tensor:
-        """Sum ``elementwise`` (shaped like the tensor) over everything but the channel."""
+    def per_channel(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Per channel, the sum of ``reduced``: the tensor's element scores summed over
+        everything but its first two axes (see ``_Measure``)."""
+        if reduced.dim() == 1:
+            return reduced
         if self.groups == 1:
-            moved = elementwise.movedim(self.axis, 0)
-            return moved.reshape(moved.shape[0], -1).sum(1)
-        rows, per_group = elementwise.shape[:2]
-        blocks = elementwise.reshape(self.groups, rows // self.groups, per_group, -1)
-        return blocks.sum((1, 3)).reshape(-1)
+            return reduced.sum(1 - self.axis)
+        rows, per_group = reduced.shape
+        return reduced.reshape(self.groups, rows // self.groups, per_group).sum(1).reshape(-1)
 
-    def zero(self, channel: int) -> None:
+    def zero(self, channels: torch.Tensor) -> None:
+        """Zero what carries ``channels``, in place."""
         if self.groups == 1:
-            self.tensor.select(self.axis, channel).zero_()
+            self.tensor.index_fill_(self.axis, channels, 0)
             return
         per_group = self.tensor.shape[1]
         blocks = self.tensor.view(self.groups, -1, per_group, *self.tensor.shape[2:])
-        blocks[channel // per_group, :, channel % per_group].zero_()
+        for channel in channels.tolist():
+            blocks[channel // per_group, :, channel % per_group].zero_()
 
 
 def _carriers(gm: GraphModule, node: Node) -> list[Carrier]:
@@ -173,38 +176,59 @@ def _matches(patterns: Iterable[str], gm: GraphModule, nodes: dict[str, Node], v
     return next((p for p in patterns for n in names if fnmatch.fnmatchcase(str(n), p)), None)
 
 
-def _elementwise(options: PruneOptions) -> Callable[[torch.Tensor], torch.Tensor]:
-    if options.importance == "l1":
-        return lambda t: t.detach().abs().double()
-    if options.importance == "taylor":
-        return lambda t: (t.detach() * _grad(t)).abs().double()
-    return lambda t: t.detach().double().pow(2)
+class _Measure:
+    """Element scores of a tensor (|w|^2, |w| or |w * grad|) summed over all but its first
+    two axes, in float64; each tensor is measured once per plan."""
+
+    def __init__(self, importance: str) -> None:
+        self.importance = importance
+        self.done: dict[int, torch.Tensor] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in self.done:
+            t = tensor.detach()
+            if self.importance == "l1":
+                scores = t.abs()
+            elif self.importance == "taylor":
+                grad = tensor.grad if tensor.grad is not None else torch.zeros_like(t)
+                scores = (t * grad).abs()
+            else:
+                scores = t * t
+            if t.dim() >= 2:
+                scores = scores.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+            self.done[id(tensor)] = scores.double()
+        return self.done[id(tensor)]
 
 
-def _grad(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-
-
-def _value_scores(gm: GraphModule, node: Node, measure: Callable) -> torch.Tensor | None:
+def _value_scores(gm: GraphModule, node: Node, measure: _Measure) -> torch.Tensor | None:
     """Per channel of ``node``'s value: ``measure`` summed over every weight carrying it."""
     scores = [c.per_channel(measure(c.tensor)) for c in _carriers(gm, node)]
     return torch.stack(scores).sum(0) if scores else None
 
 
-def _group_scores(
-    gm: GraphModule, group: Group, options: PruneOptions, generator: torch.Generator
-) -> list[float]:
-    if options.importance == "random":
-        return torch.rand(group.sets, generator=generator).tolist()
-    nodes = {n.name: n for n in gm.graph.nodes}
-    measure = _elementwise(options)
-    if options.importance == "bn_scale":
-        norms = [v for v in group.values if type(module_of(gm, nodes[v])) in BATCHNORMS]
-        if norms:
-            gammas = {v: module_of(gm, nodes[v]).weight.detach().abs().double() for v in norms}
-            return _set_scores(group, gammas)
-    scores = {v: _value_scores(gm, nodes[v], measure) for v in group.values}
-    return _set_scores(group, {v: s for v, s in scores.items() if s is not None})
+class _Scorer:
+    """The importance of every channel set of a group (module docstring)."""
+
+    def __init__(self, gm: GraphModule, options: PruneOptions) -> None:
+        self.gm, self.importance = gm, options.importance
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.measure = _Measure("l2" if options.importance == "bn_scale" else options.importance)
+
+    def __call__(self, group: Group) -> list[float]:
+        if self.importance == "random":
+            return torch.rand(group.sets, generator=self.generator).tolist()
+        modules = {v: module_of(self.gm, self.nodes[v]) for v in group.values}
+        if self.importance == "bn_scale":
+            gammas = {
+                v: m.weight.detach().abs().double()
+                for v, m in modules.items()
+                if type(m) in BATCHNORMS and m.affine
+            }
+            if gammas:
+                return _set_scores(group, gammas)
+        scores = {v: _value_scores(self.gm, self.nodes[v], self.measure) for v in group.values}
+        return _set_scores(group, {v: s for v, s in scores.items() if s is not None})
 
 
 def _set_scores(group: Group, per_value: dict[str, torch.Tensor]) -> list[float]:
@@ -229,9 +253,9 @@ def pruning_plan(gm: GraphModule, options: PruneOptions) -> Plan:
     graph = ChannelGraph.build(gm)
     groups = graph.groups()
     nodes = {n.name: n for n in gm.graph.nodes}
-    generator = torch.Generator().manual_seed(options.seed)
     if options.importance == "taylor":
         _taylor_gradients(gm, options)
+    scorer = _Scorer(gm, options)
     plans = []
     for group in groups:
         if not group.prunable or any(_matches(options.ignore, gm, nodes, v) for v in group.values):
@@ -240,8 +264,7 @@ def pruning_plan(gm: GraphModule, options: PruneOptions) -> Plan:
             (p for v in group.values if (p := _matches(options.ratios, gm, nodes, v))), None
         )
         ratio = options.ratios[pattern] if pattern else options.ratio
-        scores = _group_scores(gm, group, options, generator)
-        plans.append(GroupPlan(group, ratio, scores, fixed=pattern is not None))
+        plans.append(GroupPlan(group, ratio, scorer(group), fixed=pattern is not None))
     if options.importance == "taylor":
         gm.zero_grad(set_to_none=True)
     counts = _global_counts(plans, options) if options.scope == "global" else None
@@ -308,24 +331,26 @@ def zero_channels(gm: GraphModule, plan: Plan) -> None:
     with torch.no_grad():
         for value, channels in plan.removed().items():
             for carrier in _carriers(gm, nodes[value]):
-                for c in channels.tolist():
-                    carrier.zero(c)
+                carrier.zero(channels)
 
 
 def _slice_layer(layer: nn.Module, keep_in: torch.Tensor, keep_out: torch.Tensor) -> None:
     """Slice a Conv or Linear in place to the kept input and output channels."""
-    weight = layer.weight.data[keep_out]
+    weight = layer.weight.data
     groups = getattr(layer, "groups", 1)
     per_in = weight.shape[1]
+    if len(keep_out) == weight.shape[0] and len(keep_in) == per_in * groups:
+        return  # nothing removed
+    weight = weight.index_select(0, keep_out)
     if len(keep_in) == per_in * groups:
         pass  # no input channel removed
     elif groups == 1:
-        weight = weight[:, keep_in]
+        weight = weight.index_select(1, keep_in)
     elif per_in > 1:  # grouped: every group kept the same within-group channels
-        weight = weight[:, keep_in[keep_in < per_in]]
-    layer.weight.data = weight.clone()
+        weight = weight.index_select(1, keep_in[keep_in < per_in])
+    layer.weight.data = weight
     if layer.bias is not None:
-        layer.bias.data = layer.bias.data[keep_out].clone()
+        layer.bias.data = layer.bias.data.index_select(0, keep_out)
     if isinstance(layer, nn.Linear):
         layer.out_features, layer.in_features = weight.shape[0], weight.shape[1]
         return
@@ -339,7 +364,7 @@ def _slice_norm(module: nn.Module, keep: torch.Tensor) -> None:
     for name in ("weight", "bias", "running_mean", "running_var"):
         tensor = getattr(module, name, None)
         if tensor is not None:
-            tensor.data = tensor.data[keep].clone()
+            tensor.data = tensor.data.index_select(0, keep)
     if isinstance(module, nn.GroupNorm):
         per_group = module.num_channels // module.num_groups
         module.num_channels, module.num_groups = len(keep), len(keep) // per_group

@@ -176,6 +176,38 @@ def test_compile_quantizes_to_torchscript_and_prints_a_summary(tmp_path):
     assert "sqnr_db_vs_float" in run.stdout and "quantize" in run.stdout
 
 
+def test_compile_prunes_with_options_and_draws_the_importance(tmp_path):
+    out = tmp_path / "out"
+    run = fxcomp(
+        "compile",
+        "torchvision:resnet18",
+        "--passes",
+        "prune,fuse",
+        "--ratio",
+        "0.5",
+        "--scope",
+        "global",
+        "--ignore",
+        "layer4.*",
+        "--round-to",
+        "8",
+        "-o",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.pt",
+        "prune_importance.png",
+        "report.json",
+    ]
+    assert f"prune_importance: {out / 'prune_importance.png'}" in run.stdout
+    table = run.stdout.split("prune, per layer:")[1]
+    conv1 = next(line for line in table.splitlines() if line.startswith("conv1 "))
+    assert "3 -> 3" in conv1 and "64 -> " in conv1 and int(conv1.split("64 -> ")[1][:2]) % 8 == 0
+    layer4 = next(line for line in table.splitlines() if line.startswith("layer4.0.conv1 "))
+    assert "512 -> 512" in layer4 and "kept: ignored" in layer4
+
+
 def test_compile_with_image_folder_and_bad_calibration(tmp_path):
     import torch
     from torchvision.io import write_png
