@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_map
 from fxcomp.errors import InputError, TraceError
 from fxcomp.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
 
-__all__ = ["as_input_tuple", "propagate_shapes", "trace"]
+__all__ = ["as_input_tuple", "propagate_shapes", "tensor_metadata", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,9 @@ def _trace_error(err: Exception, tracer: _LeafTracer) -> TraceError:
     return TraceError(f"cannot trace {subject}{where}: {reason}", hint=hint)
 
 
-def _tensor_meta(value: Any) -> Any:
+def tensor_metadata(value: Any) -> Any:
+    """``TensorMetadata`` of a tensor, or of each tensor in a tuple, list or dict."""
+
     def one(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return v
@@ -267,7 +269,7 @@ class _ShapeRecorder(Interpreter):
                 f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}",
                 hint="check that example_inputs have the shape and dtype the model expects",
             ) from err
-        n.meta["tensor_meta"] = _tensor_meta(result)
+        n.meta["tensor_meta"] = tensor_metadata(result)
         return result
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxcomp.channel_report import importance_figure, layer_table, merge_tables
 from fxcomp.channels import ChannelGraph, Group
@@ -38,7 +39,7 @@ from fxcomp.errors import InputError
 from fxcomp.fused import weighted_layer
 from fxcomp.graph import BATCHNORMS, module_of
 from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.trace import propagate_shapes
+from fxcomp.trace import tensor_metadata
 
 __all__ = [
     "GroupPlan",
@@ -99,11 +100,12 @@ class Carrier:
         """Per channel, the sum of ``reduced``: the tensor's element scores summed over
         everything but its first two axes (see ``_Measure``)."""
         if reduced.dim() == 1:
-            return reduced
+            return reduced.double()
         if self.groups == 1:
-            return reduced.sum(1 - self.axis)
+            return reduced.sum(1 - self.axis, dtype=torch.float64)
         rows, per_group = reduced.shape
-        return reduced.reshape(self.groups, rows // self.groups, per_group).sum(1).reshape(-1)
+        blocks = reduced.reshape(self.groups, rows // self.groups, per_group)
+        return blocks.sum(1, dtype=torch.float64).reshape(-1)
 
     def zero(self, channels: torch.Tensor) -> None:
         """Zero what carries ``channels``, in place."""
@@ -116,18 +118,23 @@ class Carrier:
             blocks[channel // per_group, :, channel % per_group].zero_()
 
 
-def _carriers(gm: GraphModule, node: Node) -> list[Carrier]:
+def _modules(gm: GraphModule) -> dict[str, nn.Module]:
+    """Every node's module by node name (``call_module`` nodes only)."""
+    return {n.name: module_of(gm, n) for n in gm.graph.find_nodes(op="call_module")}
+
+
+def _carriers(modules: dict[str, nn.Module], node: Node) -> list[Carrier]:
     """The parameters that carry the channels of ``node``'s value: producer rows and bias,
     BatchNorm/GroupNorm scale and shift, consumer columns."""
     found = []
-    module = module_of(gm, node)
+    module = modules.get(node.name)
     layer = weighted_layer(module)
     if layer is not None:
         found += [Carrier(t, 0) for t in (layer.weight, layer.bias) if t is not None]
     elif (type(module) in BATCHNORMS or isinstance(module, nn.GroupNorm)) and module.affine:
         found += [Carrier(module.weight, 0), Carrier(module.bias, 0)]
     for user in node.users:
-        consumer = weighted_layer(module_of(gm, user))
+        consumer = weighted_layer(modules.get(user.name))
         if consumer is None or user.args[0] is not node:
             continue
         groups = getattr(consumer, "groups", 1)
@@ -178,7 +185,7 @@ def _matches(patterns: Iterable[str], gm: GraphModule, nodes: dict[str, Node], v
 
 class _Measure:
     """Element scores of a tensor (|w|^2, |w| or |w * grad|) summed over all but its first
-    two axes, in float64; each tensor is measured once per plan."""
+    two axes; each tensor is measured once per plan."""
 
     def __init__(self, importance: str) -> None:
         self.importance = importance
@@ -194,15 +201,17 @@ class _Measure:
                 scores = (t * grad).abs()
             else:
                 scores = t * t
-            if t.dim() >= 2:
+            if t.dim() > 2:
                 scores = scores.reshape(t.shape[0], t.shape[1], -1).sum(-1)
-            self.done[id(tensor)] = scores.double()
+            self.done[id(tensor)] = scores
         return self.done[id(tensor)]
 
 
-def _value_scores(gm: GraphModule, node: Node, measure: _Measure) -> torch.Tensor | None:
+def _value_scores(
+    modules: dict[str, nn.Module], node: Node, measure: _Measure
+) -> torch.Tensor | None:
     """Per channel of ``node``'s value: ``measure`` summed over every weight carrying it."""
-    scores = [c.per_channel(measure(c.tensor)) for c in _carriers(gm, node)]
+    scores = [c.per_channel(measure(c.tensor)) for c in _carriers(modules, node)]
     return torch.stack(scores).sum(0) if scores else None
 
 
@@ -210,24 +219,24 @@ class _Scorer:
     """The importance of every channel set of a group (module docstring)."""
 
     def __init__(self, gm: GraphModule, options: PruneOptions) -> None:
-        self.gm, self.importance = gm, options.importance
+        self.importance = options.importance
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.modules = _modules(gm)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.measure = _Measure("l2" if options.importance == "bn_scale" else options.importance)
 
     def __call__(self, group: Group) -> list[float]:
         if self.importance == "random":
             return torch.rand(group.sets, generator=self.generator).tolist()
-        modules = {v: module_of(self.gm, self.nodes[v]) for v in group.values}
         if self.importance == "bn_scale":
             gammas = {
-                v: m.weight.detach().abs().double()
-                for v, m in modules.items()
-                if type(m) in BATCHNORMS and m.affine
+                v: self.modules[v].weight.detach().abs().double()
+                for v in group.values
+                if type(self.modules.get(v)) in BATCHNORMS and self.modules[v].affine
             }
             if gammas:
                 return _set_scores(group, gammas)
-        scores = {v: _value_scores(self.gm, self.nodes[v], self.measure) for v in group.values}
+        scores = {v: _value_scores(self.modules, self.nodes[v], self.measure) for v in group.values}
         return _set_scores(group, {v: s for v, s in scores.items() if s is not None})
 
 
@@ -270,7 +279,7 @@ def pruning_plan(gm: GraphModule, options: PruneOptions) -> Plan:
     counts = _global_counts(plans, options) if options.scope == "global" else None
     for i, plan in enumerate(plans):
         total = plan.group.sets
-        count = counts[i] if counts else math.floor(total * plan.ratio)
+        count = counts[i] if counts else _share(total, plan.ratio)
         keep = max(options.min_channels, total - count)
         if options.round_to:
             keep = max(options.round_to, round(keep / options.round_to) * options.round_to)
@@ -278,6 +287,11 @@ def pruning_plan(gm: GraphModule, options: PruneOptions) -> Plan:
         floor_ratio = plan.ratio if counts is None else 1.0
         plan.removed = _lowest(plan, total - keep, nodes, graph, floor_ratio, options)
     return Plan(graph, groups, plans)
+
+
+def _share(count: int, ratio: float) -> int:
+    """``floor(count * ratio)``, safe from float error (0.29 * 100 is 28.999...)."""
+    return math.floor(count * ratio + 1e-9)
 
 
 def _global_counts(plans: list[GroupPlan], options: PruneOptions) -> list[int]:
@@ -288,8 +302,8 @@ def _global_counts(plans: list[GroupPlan], options: PruneOptions) -> list[int]:
         if not plan.fixed:
             mean = sum(plan.scores) / len(plan.scores) or 1.0
             ranked += [(score / mean, i) for score in plan.scores]
-    counts = [math.floor(len(p.scores) * p.ratio) if p.fixed else 0 for p in plans]
-    for _, i in sorted(ranked)[: math.floor(len(ranked) * options.ratio)]:
+    counts = [_share(len(p.scores), p.ratio) if p.fixed else 0 for p in plans]
+    for _, i in sorted(ranked)[: _share(len(ranked), options.ratio)]:
         counts[i] += 1
     return counts
 
@@ -310,7 +324,7 @@ def _lowest(
         [torch.bincount(group.members[v], minlength=group.sets) for v in group.values]
     )
     left = counts.sum(1)
-    floor = torch.clamp(left - torch.floor(left * ratio).long(), min=options.min_channels)
+    floor = torch.clamp(left - torch.floor(left * ratio + 1e-9).long(), min=options.min_channels)
     order = sorted(range(group.sets), key=plan.scores.__getitem__)
     if bool((counts == counts[:, :1]).all()):  # every set holds the same channels of each value
         room = int(((left - floor) // counts[:, 0].clamp(min=1)).min())
@@ -327,10 +341,10 @@ def _lowest(
 
 def zero_channels(gm: GraphModule, plan: Plan) -> None:
     """Zero every parameter slice of the planned channels (the exactness oracle's model)."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes, modules = {n.name: n for n in gm.graph.nodes}, _modules(gm)
     with torch.no_grad():
         for value, channels in plan.removed().items():
-            for carrier in _carriers(gm, nodes[value]):
+            for carrier in _carriers(modules, nodes[value]):
                 carrier.zero(channels)
 
 
@@ -420,8 +434,24 @@ def _rewrite_view(node: Node, kept: _Kept) -> None:
     node.args = (node.args[0], sizes) if packed else (node.args[0], *sizes)
 
 
+def _shrink_meta(node: Node, plan: Plan, kept: _Kept) -> None:
+    """Give ``node`` the ``tensor_meta`` of its pruned value: only values that lose channels
+    (and the pieces of a split of one) change shape, along their channel axes."""
+    meta = node.meta.get("tensor_meta")
+    split = plan.graph.splits.get(node.name)
+    if node.name in kept.gone and isinstance(meta, TensorMetadata):
+        value = torch.empty(kept.shape(node), dtype=meta.dtype, device="meta")
+        node.meta["tensor_meta"] = tensor_metadata(value)
+    elif split is not None and split.source.name in kept.gone:
+        dtype = split.source.meta["tensor_meta"].dtype
+        source = torch.empty(kept.shape(split.source), dtype=dtype, device="meta")
+        sizes = node.args[1] if isinstance(node.args[1], list) else list(split.sizes)
+        node.meta["tensor_meta"] = tensor_metadata(tuple(source.split(sizes, split.dim)))
+
+
 def _apply(gm: GraphModule, plan: Plan) -> None:
-    """Slice every layer and rewrite every baked size for the planned removals."""
+    """Slice every layer, rewrite every baked size and every changed shape for the planned
+    removals."""
     kept = _Kept(plan)
     for node in gm.graph.nodes:
         module = module_of(gm, node)
@@ -438,8 +468,8 @@ def _apply(gm: GraphModule, plan: Plan) -> None:
             _rewrite_split(node, plan, kept)
         elif node.name in plan.graph.spans and node.target in ("view", "reshape", torch.reshape):
             _rewrite_view(node, kept)
+        _shrink_meta(node, plan, kept)
     gm.graph.lint()
-    gm.recompile()
 
 
 def prune_channels(
@@ -461,9 +491,9 @@ def prune_channels(
             before = layer_table(gm, plan)
         if any(p.removed for p in plan.plans):
             _apply(gm, plan)
-            propagate_shapes(gm, ctx.example_inputs)
             modified = True
         if between_steps is not None and step < steps:
+            gm.recompile()
             between_steps(gm, step)
     ctx.report.tables["prune"] = merge_tables(before, layer_table(gm, None))
     return PassResult(gm, modified=modified)
@@ -475,7 +505,7 @@ def _step_options(options: PruneOptions, step: int, steps: int) -> PruneOptions:
 
     def share(ratio: float) -> float:
         done, target = ratio * (step - 1) / steps, ratio * step / steps
-        return 1 - (1 - target) / (1 - done)
+        return (target - done) / (1 - done)
 
     ratios = {name: share(r) for name, r in options.ratios.items()}
     return replace(options, ratio=share(options.ratio), ratios=ratios)

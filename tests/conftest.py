@@ -8,11 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.shape_prop import TensorMetadata
 
 import fxcomp
 from fxcomp import CompileContext
 from fxcomp.passes import prune, pruning_plan, zero_channels
 from fxcomp.passes.pruning import PruneOptions
+from fxcomp.trace import propagate_shapes
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -42,7 +45,23 @@ def oracle(
     result = fxcomp.compile(model, x, passes=[*passes, prune(ratio, **options)])
     with torch.no_grad():
         assert relative_error(result.module(x), zeroed(x)) < 1e-5
+    assert shapes(result.module) == shapes(result.module, rerun=x)  # the pass left true shapes
     return result
+
+
+def shapes(gm: GraphModule, rerun: torch.Tensor | None = None) -> dict[str, object]:
+    """Every node's recorded shape (shapes of tuple items too); with ``rerun``, recorded
+    anew by running it through a copy of ``gm``."""
+    if rerun is not None:
+        gm = copy.deepcopy(gm)
+        propagate_shapes(gm, (rerun,))
+
+    def shape_of(meta: object) -> object:
+        if isinstance(meta, TensorMetadata):
+            return tuple(meta.shape)
+        return [shape_of(m) for m in meta] if isinstance(meta, tuple | list) else None
+
+    return {n.name: shape_of(n.meta.get("tensor_meta")) for n in gm.graph.nodes}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
