@@ -27,6 +27,7 @@ from fxcomp.fused import weighted_layer
 from fxcomp.graph import BATCHNORMS, module_of
 
 if TYPE_CHECKING:
+    from fxcomp.channels import Group
     from fxcomp.passes.pruning import Plan
 
 __all__ = ["importance_figure", "layer_table", "merge_tables"]
@@ -55,8 +56,8 @@ def _importance(plan: Plan) -> dict[str, list[float]]:
     return scores
 
 
-def _status(plan: Plan, value: str) -> str:
-    group = next((g for g in plan.groups if value in g.values), None)
+def _status(plan: Plan, groups: dict[str, Group], value: str) -> str:
+    group = groups.get(value)
     planned = next((p for p in plan.plans if p.group is group), None)
     if planned is not None:
         return f"{len(planned.removed)} of {group.sets} sets removed"
@@ -72,6 +73,7 @@ def _status(plan: Plan, value: str) -> str:
 def layer_table(gm: GraphModule, plan: Plan | None) -> list[dict[str, Any]]:
     """One row per Conv, Linear, BatchNorm and GroupNorm layer of ``gm``."""
     importance = _importance(plan) if plan is not None else {}
+    groups = {v: g for g in plan.groups for v in g.values} if plan is not None else {}
     rows = []
     for node in gm.graph.find_nodes(op="call_module"):
         module = module_of(gm, node)
@@ -87,7 +89,7 @@ def layer_table(gm: GraphModule, plan: Plan | None) -> list[dict[str, Any]]:
                 if scores
                 else ""
             )
-            row["status"] = _status(plan, node.name)
+            row["status"] = _status(plan, groups, node.name)
         rows.append(row)
     return rows
 
