@@ -14,7 +14,21 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["max_abs_error", "parity", "sqnr", "top1_agreement"]
+from fxcomp.errors import VerificationError
+
+__all__ = [
+    "FLOAT_SQNR_DB",
+    "MARGIN_DB",
+    "check_against_float",
+    "check_against_reference",
+    "max_abs_error",
+    "parity",
+    "sqnr",
+    "top1_agreement",
+]
+
+MARGIN_DB = 3.0
+FLOAT_SQNR_DB = 80.0
 
 
 def _first(outputs: Any) -> torch.Tensor:
@@ -57,3 +71,34 @@ def parity(outputs: Any, *, float_outputs: Any = None, reference_outputs: Any = 
         figures["max_abs_error_vs_reference"] = max_abs_error(reference_outputs, outputs)
         figures["sqnr_db_vs_reference"] = sqnr(reference_outputs, outputs)
     return figures
+
+
+def check_against_reference(figures: dict[str, float], quantization_sqnr: float, what: str) -> None:
+    """A backend's kernels round differently from the reference graph, and deep networks
+    compound that; what the backend adds must stay within twice the noise quantization
+    itself added (an SQNR against the reference at most ``MARGIN_DB`` below the reference's
+    against float). A rule that does not match its reference pattern errs by far more.
+
+    Example::
+
+        check_against_reference({"sqnr_db_vs_reference": 30.0}, 25.0, "TorchScript")
+    """
+    against_reference = figures.get("sqnr_db_vs_reference")
+    if against_reference is not None and against_reference < quantization_sqnr - MARGIN_DB:
+        raise VerificationError(
+            f"the {what} output is {against_reference:.1f} dB from the reference graph; "
+            f"quantization itself is {quantization_sqnr:.1f} dB from float, and the backend "
+            f"may add at most as much noise again ({MARGIN_DB:g} dB)",
+            hint="report this model: a backend rule does not match its reference pattern",
+        )
+
+
+def check_against_float(figures: dict[str, float], what: str) -> None:
+    """A float artifact must reproduce the float model: SQNR at least ``FLOAT_SQNR_DB``."""
+    against_float = figures.get("sqnr_db_vs_float")
+    if against_float is not None and against_float < FLOAT_SQNR_DB:
+        raise VerificationError(
+            f"the float {what} output is {against_float:.1f} dB from the float model "
+            f"(at least {FLOAT_SQNR_DB:g} dB expected)",
+            hint="report this model: an op exports with different semantics",
+        )

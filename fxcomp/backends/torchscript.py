@@ -28,15 +28,14 @@ from torch.fx import GraphModule
 
 from fxcomp.backends.artifact import Artifact
 from fxcomp.context import CompileContext
-from fxcomp.errors import BackendError, VerificationError
+from fxcomp.errors import BackendError
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
-from fxcomp.verify import parity, sqnr
+from fxcomp.verify import check_against_reference, parity, sqnr
 
-__all__ = ["FILENAME", "MARGIN_DB", "emit", "load"]
+__all__ = ["FILENAME", "emit", "load"]
 
 FILENAME = "model.pt"
-MARGIN_DB = 3.0
 
 
 def _engine(gm: GraphModule, ctx: CompileContext) -> str:
@@ -80,30 +79,13 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
         if ctx.float_outputs is not None and ctx.reference_outputs is not None:
             quantization_sqnr = sqnr(ctx.float_outputs, ctx.reference_outputs)
             figures["sqnr_db_reference_vs_float"] = quantization_sqnr
-        _verify(figures, quantization_sqnr)
+            check_against_reference(figures, quantization_sqnr, "TorchScript")
         path = out_dir / FILENAME
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Artifact("torchscript", path, manifest, figures)
-
-
-def _verify(figures: dict[str, float], quantization_sqnr: float | None) -> None:
-    """The kernels round differently from the reference graph, and deep networks compound
-    that; what lowering adds must stay within twice the noise quantization itself added
-    (an SQNR against the reference at most ``MARGIN_DB`` below the reference's against float).
-    A lowering rule that does not match its reference pattern errs by far more."""
-    against_reference = figures.get("sqnr_db_vs_reference")
-    if against_reference is None or quantization_sqnr is None:
-        return
-    if against_reference < quantization_sqnr - MARGIN_DB:
-        raise VerificationError(
-            f"the TorchScript output is {against_reference:.1f} dB from the reference graph; "
-            f"quantization itself is {quantization_sqnr:.1f} dB from float, and lowering may "
-            f"add at most as much noise again ({MARGIN_DB:g} dB)",
-            hint="report this model: a lowering rule does not match its reference pattern",
-        )
 
 
 def load(

@@ -23,6 +23,41 @@ from fxcomp.quant.scheme import QScheme
 
 __all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize"]
 
+_ONNX_TYPES = {torch.quint8: 2, torch.qint8: 3}  # TensorProto.UINT8, TensorProto.INT8
+
+
+class _QuantizeDequantize(torch.autograd.Function):
+    """A fixed per-tensor Q/DQ pair that exports as exactly QuantizeLinear -> DequantizeLinear
+    with typed zero points (no casts between them, which runtimes would not fuse)."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, onnx_type: int):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax, onnx_type):
+        dtype = torch.uint8 if onnx_type == _ONNX_TYPES[torch.quint8] else torch.int8
+        scale_v = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        zero_v = g.op("Constant", value_t=torch.tensor(zero_point, dtype=dtype))
+        quantized = g.op("QuantizeLinear", x, scale_v, zero_v)
+        return g.op("DequantizeLinear", quantized, scale_v, zero_v)
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """Integer weights and their scales as a float weight; exports as DequantizeLinear on an
+    int8 initializer (per output channel on axis 0, or per tensor)."""
+
+    @staticmethod
+    def forward(ctx, quantized, scale):
+        shape = (-1,) + (1,) * (quantized.dim() - 1) if scale.dim() else ()
+        return quantized.float() * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, quantized, scale):
+        zero = torch.zeros(scale.type().sizes() or (), dtype=torch.int8)
+        zero_v = g.op("Constant", value_t=zero)
+        return g.op("DequantizeLinear", quantized, scale, zero_v, axis_i=0)
+
 
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, scheme: QScheme
@@ -57,6 +92,15 @@ class QuantDequant(FusedModule):
         self.register_buffer("zero_point", zero_point.detach().to(torch.int32).reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return _QuantizeDequantize.apply(
+                x,
+                self.scale.item(),
+                int(self.zero_point.item()),
+                self.scheme.qmin,
+                self.scheme.qmax,
+                _ONNX_TYPES[self.scheme.dtype],
+            )
         return fake_quantize(x, self.scale, self.zero_point, self.scheme)
 
     def extra_repr(self) -> str:
@@ -110,9 +154,23 @@ class QuantizedWeightLayer(FusedModule):
             weight, self.weight_scale.double(), self.weight_zero_point.long(), 0, self.scheme.dtype
         )
 
+    def integer_weight(self) -> torch.Tensor:
+        """The weight's integers (int8) in plain tensor ops, which an exporter folds into a
+        constant."""
+        weight, scale = self.weighted.weight, self.weight_scale
+        if scale.dim():
+            scale = scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        integers = torch.round(weight / scale) + self.weight_zero_point.reshape(scale.shape)
+        return torch.clamp(integers, self.scheme.qmin, self.scheme.qmax).to(torch.int8)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.weighted
-        weight = fake_quantize(inner.weight, self.weight_scale, self.weight_zero_point, self.scheme)
+        if torch.onnx.is_in_onnx_export():
+            weight = _DequantizeWeight.apply(self.integer_weight(), self.weight_scale)
+        else:
+            weight = fake_quantize(
+                inner.weight, self.weight_scale, self.weight_zero_point, self.scheme
+            )
         if isinstance(inner, nn.Linear):
             y = F.linear(x, weight, inner.bias)
         else:

@@ -4,7 +4,8 @@
 non-VNNI kernels cannot saturate), weights int8 symmetric per output channel.
 ``qnnpack``: activations uint8 affine over the full range, weights int8 symmetric per
 output channel restricted to [-127, 127]. ``tensorrt``: activations int8 symmetric with
-zero point 0, weights int8 symmetric per channel in [-127, 127].
+zero point 0, weights int8 symmetric per channel in [-127, 127]. ``ort`` (ONNX Runtime's
+CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``.
 
 Example::
 
@@ -91,7 +92,7 @@ _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
 
-# Engines with fbgemm/qnnpack kernels to lower to; tensorrt's graphs go to ONNX instead.
+# Engines with fbgemm/qnnpack kernels to lower to; tensorrt's and ort's go to ONNX instead.
 KERNEL_ENGINES = ("x86", "fbgemm", "qnnpack")
 
 ENGINES: dict[str, Engine] = {
@@ -99,6 +100,7 @@ ENGINES: dict[str, Engine] = {
     "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT),
     "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW),
     "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW),
+    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW),
 }
 
 

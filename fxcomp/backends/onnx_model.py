@@ -1,0 +1,214 @@
+"""ONNX backend: the float graph, or the reference quantized graph in QDQ form, as ``.onnx``.
+
+Activation Q/DQ steps export as exactly ``QuantizeLinear -> DequantizeLinear`` with typed zero
+points, and quantized weights as ``DequantizeLinear`` on int8 initializers (per output
+channel, axis 0), so the file follows the target's QDQ rules by construction: ``tensorrt``
+(int8 symmetric activations, zero point 0) or ``ort`` (uint8 activations, int8 weights).
+Constant subgraphs are folded and Identity nodes removed after export. The file is checked
+with ``onnx.checker``, run in ONNX Runtime on the example inputs, compared with the
+reference graph and the float model, and only then renamed into place.
+
+Example::
+
+    artifact = emit(gm, ctx, Path("out"))      # out/model.onnx
+    session = load(artifact.path)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
+from torch.fx import GraphModule
+
+from fxcomp.backends.artifact import Artifact
+from fxcomp.context import CompileContext
+from fxcomp.errors import BackendError
+from fxcomp.quant.observers import Observer
+from fxcomp.quant.reference import QuantDequant
+from fxcomp.quant.scheme import KERNEL_ENGINES
+from fxcomp.verify import check_against_float, check_against_reference, parity, sqnr
+
+__all__ = ["FILENAME", "OPSET", "emit", "export", "load"]
+
+FILENAME = "model.onnx"
+OPSET = 17
+_KEEP = {"DequantizeLinear"}  # int8 weights stay int8 behind their DequantizeLinear
+
+
+def _check_exportable(gm: GraphModule) -> str | None:
+    """The engine of a quantized graph (None for a float one); raise if it cannot export."""
+    for name, module in gm.named_modules():
+        if isinstance(module, Observer):
+            raise BackendError(
+                f"'{name}' is still an observer: the graph was not frozen",
+                hint="run the whole quantize(...) pipeline (observe, calibrate, freeze) first",
+            )
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
+            raise BackendError(
+                f"'{name}' is a lowered fbgemm/qnnpack kernel, which ONNX cannot hold",
+                hint="quantize with engine='tensorrt' or engine='ort' for the ONNX backend",
+            )
+    quantized = any(isinstance(m, QuantDequant) for m in gm.modules())
+    engine = gm.meta.get("fxcomp_engine")
+    if quantized and engine in KERNEL_ENGINES:
+        raise BackendError(
+            f"the graph was quantized for engine '{engine}', whose 7-bit activations ONNX "
+            "runtimes do not run",
+            hint="quantize with engine='tensorrt' or engine='ort' for the ONNX backend",
+        )
+    return engine if quantized else None
+
+
+def export(
+    gm: GraphModule, example_inputs: tuple, *, opset: int = OPSET, dynamic_batch: bool = True
+) -> onnx.ModelProto:
+    """``gm`` as an ONNX model: named inputs and outputs, batch axis dynamic, constants
+    folded, Identity nodes removed.
+
+    Example::
+
+        model = export(gm, (torch.randn(1, 3, 224, 224),))
+    """
+    if opset < 13:
+        raise BackendError(f"opset {opset} is below 13, the first with per-channel QDQ")
+    inputs = [
+        f"input_{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))
+    ]
+    buffer = io.BytesIO()
+    axes = {name: {0: "batch"} for name in [*inputs, "output"]} if dynamic_batch else None
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                gm.eval(),
+                tuple(example_inputs),
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=inputs,
+                output_names=["output"],
+                dynamic_axes=axes,
+            )
+    except Exception as err:
+        raise BackendError(f"ONNX export failed: {type(err).__name__}: {err}") from err
+    model = onnx.load_from_string(buffer.getvalue())
+    _fold_constants(model.graph)
+    _remove_identities(model.graph)
+    return model
+
+
+def _fold_constants(graph: onnx.GraphProto) -> None:
+    """Replace every node whose inputs are all constants (and that is not a weight's
+    DequantizeLinear) by an initializer holding its output."""
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            continue
+        if node.op_type in _KEEP or not all(i in constants for i in node.input if i):
+            kept.append(node)
+            continue
+        feeds = {i: constants[i] for i in node.input if i}
+        outputs = ReferenceEvaluator(node).run(None, feeds)
+        constants.update(zip(node.output, outputs, strict=True))
+    used = {i for node in kept for i in node.input} | {o.name for o in graph.output}
+    del graph.node[:]
+    graph.node.extend(kept)
+    del graph.initializer[:]
+    graph.initializer.extend(
+        numpy_helper.from_array(np.asarray(value), name)
+        for name, value in constants.items()
+        if name in used
+    )
+
+
+def _remove_identities(graph: onnx.GraphProto) -> None:
+    """Bypass Identity nodes (the exporter's copies of shared constants, among others)."""
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            kept.append(node)
+    for node in kept:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def load(path: Path | str, *, threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for ``path``, with intra-op thread spinning off (several
+    sessions in one process otherwise steal each other's cores).
+
+    Example::
+
+        session = load("out/model.onnx")
+        (output,) = session.run(None, {"input": x.numpy()})
+    """
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:
+        raise BackendError(f"ONNX Runtime cannot load {path}: {err}") from err
+
+
+def run(session: ort.InferenceSession, inputs: tuple) -> torch.Tensor:
+    """Run ``session`` on torch ``inputs``; the first output as a tensor."""
+    names = [i.name for i in session.get_inputs()]
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs, strict=True)}
+    return torch.from_numpy(session.run(None, feeds)[0])
+
+
+def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
+    """Export ``gm``, check it, run it in ONNX Runtime, verify it; return the artifact."""
+    engine = _check_exportable(gm)
+    model = export(gm, ctx.example_inputs)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:
+        raise BackendError(f"the exported model fails onnx.checker: {err}") from err
+    manifest = {
+        "format": 1,
+        "engine": engine,
+        "opset": OPSET,
+        "quantized": engine is not None,
+        "inputs": [list(t.shape) for t in ctx.example_inputs if isinstance(t, torch.Tensor)],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        outputs = run(load(tmp), ctx.example_inputs)
+        figures = parity(
+            outputs, float_outputs=ctx.float_outputs, reference_outputs=ctx.reference_outputs
+        )
+        if ctx.float_outputs is not None and ctx.reference_outputs is not None:
+            quantization_sqnr = sqnr(ctx.float_outputs, ctx.reference_outputs)
+            figures["sqnr_db_reference_vs_float"] = quantization_sqnr
+            check_against_reference(figures, quantization_sqnr, "ONNX Runtime")
+        elif engine is None:
+            check_against_float(figures, "ONNX Runtime")
+        path = out_dir / FILENAME
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Artifact("onnx", path, manifest, figures)
