@@ -23,7 +23,7 @@ from fxcomp.dump import FORMATS, DumpAfterEach, render_graph, render_groups
 from fxcomp.errors import FxcompError, InputError
 from fxcomp.model_spec import load_model, parse_shape
 from fxcomp.quant import OBSERVERS
-from fxcomp.quant.scheme import KERNEL_ENGINES
+from fxcomp.quant.scheme import ENGINES, KERNEL_ENGINES
 
 __all__ = ["main"]
 
@@ -149,6 +149,7 @@ _observer_option = click.option(
     help="Calibration data: random, digits or folder:PATH (images).",
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="x86", show_default=True)
 @click.option("--ratio", default=0.5, show_default=True, help="Share of channels prune removes.")
 @click.option(
     "--importance",
@@ -161,10 +162,14 @@ _observer_option = click.option(
 @click.option("--ignore", multiple=True, help="Layer whose channels prune keeps (pattern).")
 @click.option("--round-to", type=int, default=None, help="Keep channel counts multiples of N.")
 @click.option("--amount", default=0.5, show_default=True, help="Share of weights sparsify zeroes.")
-@_engine_option
 @_observer_option
 @click.option(
-    "--backend", type=click.Choice(["torchscript"]), default="torchscript", show_default=True
+    "--backend",
+    type=click.Choice(["torchscript", "onnx"]),
+    default="torchscript",
+    show_default=True,
+    help="torchscript: fbgemm/qnnpack kernels (engines x86, fbgemm, qnnpack); onnx: float or "
+    "QDQ for TensorRT (--engine tensorrt) or ONNX Runtime (--engine ort).",
 )
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
@@ -190,6 +195,16 @@ def compile_command(
     from fxcomp.calibration_data import calibration_batches
     from fxcomp.graph import state_size
 
+    if backend == "onnx" and "quantize" in pass_names and engine in KERNEL_ENGINES:
+        raise InputError(
+            f"engine {engine} quantizes for fbgemm/qnnpack kernels, which ONNX cannot hold",
+            hint="use --engine tensorrt or --engine ort with --backend onnx",
+        )
+    if backend == "torchscript" and "quantize" in pass_names and engine not in KERNEL_ENGINES:
+        raise InputError(
+            f"engine {engine} has no TorchScript kernels",
+            hint=f"use --backend onnx, or --engine {' / '.join(KERNEL_ENGINES)}",
+        )
     shape = parse_shape(input_shape)
     data = calibration_batches(calib, shape, batches=calib_batches)
     passes = _passes(
@@ -230,7 +245,20 @@ def compile_command(
         ],
         *[[key, f"{value:.4g}"] for key, value in artifact.parity.items()],
     ]
+    if backend == "onnx":
+        rows.append(["trtexec", _trtexec(artifact.path, shape, engine, "quantize" in pass_names)])
     click.echo("\n" + tabulate(rows, tablefmt="plain"))
+
+
+def _trtexec(path: Path, shape: tuple[int, ...], engine: str, quantized: bool) -> str:
+    """The TensorRT command line that builds and times ``path`` (dynamic batch 1 to 32)."""
+    dims = "x".join(str(d) for d in shape[1:])
+    shapes = " ".join(
+        f"--{kind}Shapes=input:{batch}x{dims}"
+        for kind, batch in (("min", 1), ("opt", shape[0]), ("max", 32))
+    )
+    precision = "--int8 --fp16" if quantized and engine == "tensorrt" else "--fp16"
+    return f"trtexec --onnx={path} {precision} {shapes}"
 
 
 @main.command()
