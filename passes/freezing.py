@@ -81,6 +81,8 @@ def freeze_qparams(
             changed = True
     gm.delete_all_unused_submodules()
     gm.recompile()
+    if changed:
+        gm.meta["fxcomp_engine"] = options.engine  # backends read the scheme's engine here
     with torch.no_grad():
         ctx.reference_outputs = gm(*ctx.example_inputs)
     return PassResult(gm, modified=changed)

@@ -191,8 +191,14 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
         "quantized": engine is not None,
         "inputs": [list(t.shape) for t in ctx.example_inputs if isinstance(t, torch.Tensor)],
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
+    except OSError as err:
+        raise BackendError(
+            f"cannot write to {out_dir}: {err.strerror or err}",
+            hint="choose an output directory you can write to",
+        ) from err
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())

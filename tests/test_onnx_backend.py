@@ -1,0 +1,182 @@
+"""The ONNX backend: float and QDQ files that pass onnx.checker, run in ONNX Runtime and agree
+with the reference graph; clear errors and no partial file on bad input.
+
+Agreement: ONNX Runtime runs QDQ graphs with integer kernels (requantizing at every step, bias
+in int32), so its output differs from the reference graph's float arithmetic; that difference
+must stay below the noise quantization itself adds (``fxcomp.verify.check_against_reference``:
+SQNR against the reference at most 3 dB below the reference's SQNR against float). A float
+file must reproduce the float model at >= 80 dB.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torchvision
+from onnx import numpy_helper
+from torch import nn
+
+import fxcomp
+from fxcomp.backends import onnx_model
+from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.passes import fuse, observe, quantize
+from tests.conftest import ResidualNet, randomize_batchnorm
+from tests.test_quantize_models import inputs, reestimated
+
+
+def _compile(model, x, engine, tmp_path, calib=None):
+    passes = [fuse()]
+    if engine is not None:
+        passes.append(quantize(calib or [x], engine=engine, progress=False))
+    return fxcomp.compile(model, x, passes, backend="onnx", output_dir=tmp_path, engine=engine)
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return randomize_batchnorm(ResidualNet()).eval()
+
+
+@pytest.fixture
+def batches():
+    gen = torch.Generator().manual_seed(2)
+    return [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("engine", "dtype", "zero_is_zero"),
+    [("tensorrt", np.int8, True), ("ort", np.uint8, False)],
+)
+def test_qdq_file_follows_the_scheme(net, batches, tmp_path, engine, dtype, zero_is_zero):
+    result = _compile(net, batches[0], engine, tmp_path, batches)
+    model = onnx.load(result.artifact.path)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == onnx_model.OPSET
+    ops = _ops(result.artifact.path)
+    assert not {"Cast", "Identity", "BatchNormalization"} & set(ops)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero = constants[node.input[2]]
+            assert zero.dtype == dtype and (not zero_is_zero or zero == 0)
+            assert nodes.get(node.input[0]) is None or nodes[node.input[0]].op_type != "Cast"
+        if node.op_type in ("Conv", "Gemm"):
+            activation, weight = (nodes[i] for i in node.input[:2])
+            assert activation.op_type == weight.op_type == "DequantizeLinear"
+            integers = constants[weight.input[0]]
+            assert integers.dtype == np.int8 and integers.min() >= -127  # symmetric weights
+            assert constants[weight.input[1]].shape == (integers.shape[0],)  # per channel
+            assert next(a.i for a in weight.attribute if a.name == "axis") == 0
+    parity = result.artifact.parity
+    assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+    assert result.artifact.manifest["engine"] == engine
+
+
+def test_float_file_reproduces_the_model_with_a_dynamic_batch(net, tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    result = _compile(net, x, None, tmp_path)
+    assert result.artifact.parity["sqnr_db_vs_float"] >= 80
+    session = onnx_model.load(result.artifact.path)
+    bigger = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = result.module(bigger)
+    torch.testing.assert_close(onnx_model.run(session, (bigger,)), expected, rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json"]
+
+
+def test_int8_file_is_about_four_times_smaller(tmp_path, batches):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64)
+    float_file = _compile(model, x, None, tmp_path / "f").artifact.path
+    int8_file = _compile(model, x, "tensorrt", tmp_path / "q", [torch.randn(4, 3, 64, 64)])
+    assert float_file.stat().st_size / int8_file.artifact.path.stat().st_size > 3.9
+
+
+def test_unfrozen_graph_is_refused_and_no_file_is_left(net, batches, tmp_path):
+    with pytest.raises(fxcomp.BackendError, match="still an observer: the graph was not frozen"):
+        fxcomp.compile(
+            net, batches[0], [fuse(), observe(engine="tensorrt")], "onnx", tmp_path / "out"
+        )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_kernel_engines_are_refused(net, batches, tmp_path):
+    with pytest.raises(fxcomp.BackendError, match="lowered fbgemm/qnnpack kernel"):
+        _compile(net, batches[0], "x86", tmp_path, batches)
+    passes = [fuse(), quantize(batches, engine="x86", lower=False, progress=False)]
+    with pytest.raises(fxcomp.BackendError, match="7-bit activations"):
+        fxcomp.compile(net, batches[0], passes, "onnx", tmp_path / "x86")
+
+
+def test_an_op_without_onnx_mapping_fails_cleanly(tmp_path):
+    class Spectral(nn.Module):
+        def forward(self, x):
+            return torch.fft.rfft(x).abs()
+
+    with pytest.raises(fxcomp.BackendError, match="ONNX export failed"):
+        fxcomp.compile(Spectral(), torch.randn(2, 8), [], "onnx", tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_unwritable_directory_fails_and_leaves_nothing(net, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(fxcomp.BackendError, match=r"cannot write to .*file/out: Not a directory"):
+        fxcomp.compile(net, torch.randn(1, 3, 16, 16), [fuse()], "onnx", blocker / "out")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_caller_model_is_untouched(net, batches, tmp_path):
+    before = copy.deepcopy(net.state_dict())
+    _compile(net, batches[0], "ort", tmp_path, batches)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_digits_int8_keeps_its_accuracy_in_onnx_runtime(tmp_path):
+    data = load_digits_split()
+    model = train(DigitsNet(), data, progress=False)
+    calib = [x for x, _ in data.batches(64)[:8]]
+    for engine in ("ort", "tensorrt"):
+        result = _compile(model, data.test_x[:8], engine, tmp_path / engine, calib)
+        reference = accuracy(result.module, data.test_x, data.test_y)
+        session = onnx_model.load(result.artifact.path)
+        in_ort = accuracy(
+            lambda x, session=session: onnx_model.run(session, (x,)), data.test_x, data.test_y
+        )
+        assert abs(in_ort - reference) <= 0.2, (engine, in_ort, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["tensorrt", "ort"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        "resnet50",
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "convnext_tiny",
+    ],
+)
+def test_torchvision_models_export_and_agree_with_the_reference(name, engine, tmp_path):
+    data = inputs(name, 3)
+    model = reestimated(name, data[:2])
+    result = _compile(model, data[0][:2], engine, tmp_path, data[1:])
+    onnx.checker.check_model(onnx.load(result.artifact.path), full_check=True)
+    parity = result.artifact.parity
+    assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+    assert _ops(result.artifact.path)["DequantizeLinear"] >= 20
