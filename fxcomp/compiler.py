@@ -55,11 +55,13 @@ def compile(
     engine: str | None = None,
     before_pass: Sequence[BeforePassHook] = (),
     after_pass: Sequence[AfterPassHook] = (),
+    backend_options: Mapping[str, Any] | None = None,
 ) -> CompileResult:
     """Trace a deep copy of ``model``, run ``passes`` in order, and report each step.
 
     The caller's model is never changed. With ``output_dir``, ``report.json`` is written
-    there atomically once every pass has succeeded.
+    there atomically once every pass has succeeded. ``backend_options`` go to the backend
+    (``onnx``: ``opset``, ``dynamic_batch``, ``fp16_weights``).
 
     Example::
 
@@ -73,6 +75,10 @@ def compile(
         )
     if backend is not None and output_dir is None:
         raise InputError(f"backend {backend!r} writes files: give output_dir")
+    if backend_options and backend is None:
+        raise InputError("backend_options given without a backend")
+    if backend is not None:
+        BACKENDS[backend].check_options(**(backend_options or {}))
     manager = PassManager(passes)
     ctx = CompileContext(
         example_inputs=as_input_tuple(example_inputs),
@@ -108,7 +114,8 @@ def compile(
     ctx.report.records = [traced, *records]
     artifact = None
     if backend is not None:
-        artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir))
+        options = dict(backend_options or {})
+        artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir), **options)
         ctx.report.artifacts.append(artifact.to_dict())
     if output_dir is not None:
         for name, draw in ctx.figures.items():

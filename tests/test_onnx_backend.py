@@ -180,3 +180,20 @@ def test_torchvision_models_export_and_agree_with_the_reference(name, engine, tm
     parity = result.artifact.parity
     assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
     assert _ops(result.artifact.path)["DequantizeLinear"] >= 20
+
+
+def test_options_opset_and_fp16_weights(net, batches, tmp_path):
+    x = batches[0]
+    options = {"opset": 13, "fp16_weights": True}
+    result = fxcomp.compile(net, x, [fuse()], "onnx", tmp_path / "half", backend_options=options)
+    model = onnx.load(result.artifact.path)
+    assert model.opset_import[0].version == 13
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert result.artifact.parity["sqnr_db_vs_float"] > 50  # float16 weights: ~60 dB
+    with pytest.raises(fxcomp.InputError, match="opset must be an integer from 13"):
+        fxcomp.compile(net, x, [fuse()], "onnx", tmp_path / "o", backend_options={"opset": 11})
+    with pytest.raises(fxcomp.InputError, match="fp16_weights applies to float models"):
+        passes = [fuse(), quantize(batches, engine="ort", progress=False)]
+        fxcomp.compile(net, x, passes, "onnx", tmp_path / "qh", backend_options=options)
+    with pytest.raises(fxcomp.InputError, match="torchscript backend takes no options"):
+        fxcomp.compile(net, x, [], "torchscript", tmp_path / "t", backend_options=options)

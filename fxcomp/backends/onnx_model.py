@@ -32,16 +32,17 @@ from torch.fx import GraphModule
 
 from fxcomp.backends.artifact import Artifact
 from fxcomp.context import CompileContext
-from fxcomp.errors import BackendError
+from fxcomp.errors import BackendError, InputError
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import KERNEL_ENGINES
 from fxcomp.verify import check_against_float, check_against_reference, parity, sqnr
 
-__all__ = ["FILENAME", "OPSET", "emit", "export", "load"]
+__all__ = ["FILENAME", "OPSET", "check_options", "emit", "export", "load", "run"]
 
 FILENAME = "model.onnx"
 OPSET = 17
+MAX_OPSET = 20
 _KEEP = {"DequantizeLinear"}  # int8 weights stay int8 behind their DequantizeLinear
 
 
@@ -69,18 +70,35 @@ def _check_exportable(gm: GraphModule) -> str | None:
     return engine if quantized else None
 
 
+def check_options(
+    *, opset: int = OPSET, dynamic_batch: bool = True, fp16_weights: bool = False
+) -> None:
+    """Raise ``InputError`` for options the ONNX backend cannot honour (unknown names raise
+    ``TypeError`` naming them)."""
+    if not isinstance(opset, int) or not 13 <= opset <= MAX_OPSET:
+        raise InputError(
+            f"ONNX opset must be an integer from 13 to {MAX_OPSET}, got {opset!r}",
+            hint="13 is the first opset with per-channel QuantizeLinear/DequantizeLinear",
+        )
+
+
 def export(
-    gm: GraphModule, example_inputs: tuple, *, opset: int = OPSET, dynamic_batch: bool = True
+    gm: GraphModule,
+    example_inputs: tuple,
+    *,
+    opset: int = OPSET,
+    dynamic_batch: bool = True,
+    fp16_weights: bool = False,
 ) -> onnx.ModelProto:
     """``gm`` as an ONNX model: named inputs and outputs, batch axis dynamic, constants
-    folded, Identity nodes removed.
+    folded, Identity nodes removed; with ``fp16_weights`` the float weights are stored as
+    float16 and cast to float32 when the model loads.
 
     Example::
 
         model = export(gm, (torch.randn(1, 3, 224, 224),))
     """
-    if opset < 13:
-        raise BackendError(f"opset {opset} is below 13, the first with per-channel QDQ")
+    check_options(opset=opset)
     inputs = [
         f"input_{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))
     ]
@@ -104,7 +122,26 @@ def export(
     model = onnx.load_from_string(buffer.getvalue())
     _fold_constants(model.graph)
     _remove_identities(model.graph)
+    if fp16_weights:
+        _store_half(model.graph)
     return model
+
+
+def _store_half(graph: onnx.GraphProto) -> None:
+    """Store float32 initializers as float16, each cast back to float32 by a Cast node."""
+    casts = []
+    for tensor in graph.initializer:
+        if tensor.data_type != onnx.TensorProto.FLOAT:
+            continue
+        half = numpy_helper.to_array(tensor).astype(np.float16)
+        name = tensor.name
+        tensor.CopyFrom(numpy_helper.from_array(half, f"{name}_fp16"))
+        casts.append(
+            onnx.helper.make_node("Cast", [f"{name}_fp16"], [name], to=onnx.TensorProto.FLOAT)
+        )
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _fold_constants(graph: onnx.GraphProto) -> None:
@@ -176,10 +213,24 @@ def run(session: ort.InferenceSession, inputs: tuple) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
-def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
+def emit(
+    gm: GraphModule,
+    ctx: CompileContext,
+    out_dir: Path,
+    *,
+    opset: int = OPSET,
+    dynamic_batch: bool = True,
+    fp16_weights: bool = False,
+) -> Artifact:
     """Export ``gm``, check it, run it in ONNX Runtime, verify it; return the artifact."""
     engine = _check_exportable(gm)
-    model = export(gm, ctx.example_inputs)
+    if fp16_weights and engine is not None:
+        raise InputError(
+            "fp16_weights applies to float models: a QDQ model's weights are already int8"
+        )
+    model = export(
+        gm, ctx.example_inputs, opset=opset, dynamic_batch=dynamic_batch, fp16_weights=fp16_weights
+    )
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:
@@ -187,7 +238,8 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
     manifest = {
         "format": 1,
         "engine": engine,
-        "opset": OPSET,
+        "opset": opset,
+        "fp16_weights": fp16_weights,
         "quantized": engine is not None,
         "inputs": [list(t.shape) for t in ctx.example_inputs if isinstance(t, torch.Tensor)],
     }

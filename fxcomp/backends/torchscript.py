@@ -28,18 +28,24 @@ from torch.fx import GraphModule
 
 from fxcomp.backends.artifact import Artifact
 from fxcomp.context import CompileContext
-from fxcomp.errors import BackendError
+from fxcomp.errors import BackendError, InputError
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
 from fxcomp.verify import check_against_reference, parity, sqnr
 
-__all__ = ["FILENAME", "emit", "load"]
+__all__ = ["FILENAME", "check_options", "emit", "load"]
 
 FILENAME = "model.pt"
 
 
 def _engine(gm: GraphModule, ctx: CompileContext) -> str:
     return gm.meta.get("fxcomp_engine") or ctx.engine or "x86"
+
+
+def check_options(**options: Any) -> None:
+    """The TorchScript backend takes no options."""
+    if options:
+        raise InputError(f"the torchscript backend takes no options, got {sorted(options)}")
 
 
 def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
