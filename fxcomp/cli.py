@@ -3,11 +3,13 @@
 Example::
 
     fxcomp dump torchvision:resnet18 --passes fuse --format table
+    fxcomp check out/model.onnx --target tensorrt
     fxcomp passes
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -22,6 +24,7 @@ from fxcomp.compiler import compile
 from fxcomp.dump import FORMATS, DumpAfterEach, render_graph, render_groups
 from fxcomp.errors import FxcompError, InputError
 from fxcomp.model_spec import load_model, parse_shape
+from fxcomp.onnx_check import TARGETS, check
 from fxcomp.quant import OBSERVERS
 from fxcomp.quant.scheme import ENGINES, KERNEL_ENGINES
 
@@ -293,3 +296,23 @@ def list_passes() -> None:
     for name, constructor in BUILTIN.items():
         summary = (constructor.__doc__ or "").strip().splitlines()[0]
         click.echo(f"{name:<8} {summary}")
+
+
+@main.command(name="check")
+@click.argument("model_path", metavar="MODEL.onnx")
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    required=True,
+    help="tensorrt: int8 symmetric Q/DQ; ort: ONNX Runtime's uint8/int8 QDQ.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check_command(model_path: str, target: str, as_json: bool) -> None:
+    """Check MODEL.onnx against the QDQ rules of --target and predict its INT8 layers.
+
+    Exits 0 when the file follows every rule, 1 when it breaks some, 2 when it cannot be read.
+    """
+    result = check(model_path, target)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
+    if not result.ok:
+        raise click.exceptions.Exit(1)

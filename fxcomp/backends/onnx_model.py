@@ -122,9 +122,25 @@ def export(
     model = onnx.load_from_string(buffer.getvalue())
     _fold_constants(model.graph)
     _remove_identities(model.graph)
+    _flatten_as_reshape(model.graph)
     if fp16_weights:
         _store_half(model.graph)
     return model
+
+
+def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
+    """``Flatten(axis=1)`` as ``Reshape(x, [0, -1])``: the same values, and ONNX Runtime
+    moves a DequantizeLinear past a Reshape (not past a Flatten), so the classifier after
+    ``flatten`` runs in INT8 too."""
+    shape = "fxcomp_flatten_shape"
+    for node in graph.node:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if node.op_type == "Flatten" and axis == 1:
+            node.op_type = "Reshape"
+            del node.attribute[:]
+            node.input.append(shape)
+    if any(shape in node.input for node in graph.node):
+        graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), shape))
 
 
 def _store_half(graph: onnx.GraphProto) -> None:
