@@ -4,9 +4,12 @@ Activation Q/DQ steps export as exactly ``QuantizeLinear -> DequantizeLinear`` w
 points, and quantized weights as ``DequantizeLinear`` on int8 initializers (per output
 channel, axis 0), so the file follows the target's QDQ rules by construction: ``tensorrt``
 (int8 symmetric activations, zero point 0) or ``ort`` (uint8 activations, int8 weights).
-Constant subgraphs are folded and Identity nodes removed after export. The file is checked
-with ``onnx.checker``, run in ONNX Runtime on the example inputs, compared with the
-reference graph and the float model, and only then renamed into place.
+Constant subgraphs are folded, Identity nodes removed and ``Flatten`` written as ``Reshape``
+(ONNX Runtime moves a DequantizeLinear past the latter only) after export. The file is
+checked with ``onnx.checker`` and, when quantized, with the target's QDQ rules
+(``fxcomp.onnx_check``; the manifest lists the layers predicted to run in INT8), run in
+ONNX Runtime on the example inputs, compared with the reference graph and the float model,
+and only then renamed into place.
 
 Example::
 
@@ -33,6 +36,7 @@ from torch.fx import GraphModule
 from fxcomp.backends.artifact import Artifact
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
+from fxcomp.onnx_check import check
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import KERNEL_ENGINES
@@ -251,9 +255,19 @@ def emit(
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:
         raise BackendError(f"the exported model fails onnx.checker: {err}") from err
+    layers = None
+    if engine is not None:
+        lint = check(model, engine)
+        if not lint.ok:
+            raise BackendError(
+                f"the exported QDQ graph breaks {engine}'s rules:\n{lint.table()}",
+                hint="report this model: the exporter placed a Q/DQ step the target rejects",
+            )
+        layers = {"int8": lint.int8_nodes, "total": len(lint.predictions)}
     manifest = {
         "format": 1,
         "engine": engine,
+        "int8_layers": layers,
         "opset": opset,
         "fp16_weights": fp16_weights,
         "quantized": engine is not None,
