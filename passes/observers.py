@@ -21,9 +21,9 @@ from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.observers import OBSERVERS
-from fxcomp.quant.ops import SkipSpec, kind_of, tensor_inputs
+from fxcomp.quant.ops import SkipSpec, is_clamp, kind_of, tensor_inputs
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.quant.scheme import scheme_for
+from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 
 __all__ = ["ObserverOptions", "insert_observers", "observe"]
 
@@ -69,6 +69,7 @@ def insert_observers(
         options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
     )
     make = OBSERVERS[options.observer]
+    qdq = options.engine not in KERNEL_ENGINES  # exported as Q/DQ pairs (ONNX)
     # Observers from an earlier run already make their edges quantized.
     quantized = {n for n in gm.graph.nodes if n.meta.get("fxcomp_quant") == "observer"}
     observed: dict[Node, Node] = {}
@@ -99,6 +100,12 @@ def insert_observers(
                 before = len(observed)
                 node.replace_input_with(value, ensure_observed(value))
                 added += len(observed) - before
+            if qdq and kind == "weighted" and len(users) == 1 and is_clamp(gm, users[0]):
+                # Conv -> ReLU6 -> Q/DQ, not Conv -> Q/DQ -> ReLU6: QDQ runtimes fuse the
+                # clamp into the Conv only when no Q/DQ step separates them
+                node = users[0]
+                node.meta["fxcomp_quant"] = "shared"
+                quantized.add(node)
             if kind == "fixed" and activation.dtype == torch.quint8:
                 out = _insert_after(
                     gm, node, f"{node.name}_fixed", QuantDequant(*_FIXED_UINT8, activation), ctx

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from fxcomp.fused import ConvReLU, LinearReLU, add_relu, weighted_layer
 
-__all__ = ["KINDS", "SkipSpec", "kind_of", "op_name", "tensor_inputs"]
+__all__ = ["KINDS", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
 
 KINDS = ("weighted", "binary", "cat", "hardswish", "fixed", "shared", "requant", "query", "float")
 _QUERY_METHODS = {"size", "dim", "numel"}
@@ -108,6 +108,21 @@ _METHODS = {
     },
     "requant": {"mean"},
 }
+
+
+_CLAMP_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+_CLAMP_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu6, F.hardtanh, torch.clamp}
+_CLAMP_METHODS = {"relu", "relu_", "clamp"}
+
+
+def is_clamp(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node`` is a ReLU, ReLU6, Hardtanh or clamp: an activation a QDQ runtime
+    fuses into the Conv before it when no Q/DQ step separates them."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))) in _CLAMP_MODULES
+    if node.op == "call_function":
+        return node.target in _CLAMP_FUNCTIONS
+    return node.op == "call_method" and node.target in _CLAMP_METHODS
 
 
 def op_name(node: Node) -> str:
