@@ -45,7 +45,7 @@ Example::
 
     result = check("out/model.onnx", "tensorrt")
     if not result.ok:
-        print(result.table())          # rule, node, message; then the INT8 prediction
+        text = result.table()          # rule, node, message; then the INT8 prediction
     layers = result.int8_nodes         # ['/stem/Conv', '/conv/Conv', '/Add', ...]
 """
 

@@ -21,6 +21,7 @@ __all__ = [
     "MARGIN_DB",
     "check_against_float",
     "check_against_reference",
+    "checked_parity",
     "max_abs_error",
     "parity",
     "sqnr",
@@ -102,3 +103,24 @@ def check_against_float(figures: dict[str, float], what: str) -> None:
             f"(at least {FLOAT_SQNR_DB:g} dB expected)",
             hint="report this model: an op exports with different semantics",
         )
+
+
+def checked_parity(
+    outputs: Any, *, float_outputs: Any, reference_outputs: Any, what: str
+) -> dict[str, float]:
+    """A backend artifact's parity figures, checked: against the reference graph when the
+    graph is quantized (``check_against_reference``), against float otherwise
+    (``check_against_float``); a ``VerificationError`` says how far off it is.
+
+    Example::
+
+        figures = checked_parity(out, float_outputs=f, reference_outputs=r, what="TorchScript")
+    """
+    figures = parity(outputs, float_outputs=float_outputs, reference_outputs=reference_outputs)
+    if float_outputs is not None and reference_outputs is not None:
+        quantization_sqnr = sqnr(float_outputs, reference_outputs)
+        figures["sqnr_db_reference_vs_float"] = quantization_sqnr
+        check_against_reference(figures, quantization_sqnr, what)
+    elif reference_outputs is None:
+        check_against_float(figures, what)
+    return figures

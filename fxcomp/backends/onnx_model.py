@@ -40,7 +40,7 @@ from fxcomp.onnx_check import check
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import KERNEL_ENGINES
-from fxcomp.verify import check_against_float, check_against_reference, parity, sqnr
+from fxcomp.verify import checked_parity
 
 __all__ = ["FILENAME", "OPSET", "check_options", "emit", "export", "load", "run"]
 
@@ -285,15 +285,12 @@ def emit(
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         outputs = run(load(tmp), ctx.example_inputs)
-        figures = parity(
-            outputs, float_outputs=ctx.float_outputs, reference_outputs=ctx.reference_outputs
+        figures = checked_parity(
+            outputs,
+            float_outputs=ctx.float_outputs,
+            reference_outputs=ctx.reference_outputs,
+            what="ONNX Runtime",
         )
-        if ctx.float_outputs is not None and ctx.reference_outputs is not None:
-            quantization_sqnr = sqnr(ctx.float_outputs, ctx.reference_outputs)
-            figures["sqnr_db_reference_vs_float"] = quantization_sqnr
-            check_against_reference(figures, quantization_sqnr, "ONNX Runtime")
-        elif engine is None:
-            check_against_float(figures, "ONNX Runtime")
         path = out_dir / FILENAME
         os.replace(tmp, path)
     except BaseException:

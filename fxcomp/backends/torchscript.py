@@ -31,7 +31,7 @@ from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
-from fxcomp.verify import check_against_reference, parity, sqnr
+from fxcomp.verify import checked_parity
 
 __all__ = ["FILENAME", "check_options", "emit", "load"]
 
@@ -78,14 +78,12 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
         loaded = load(Path(tmp))
         with torch.no_grad():
             outputs = loaded(*ctx.example_inputs)
-        figures = parity(
-            outputs, float_outputs=ctx.float_outputs, reference_outputs=ctx.reference_outputs
+        figures = checked_parity(
+            outputs,
+            float_outputs=ctx.float_outputs,
+            reference_outputs=ctx.reference_outputs,
+            what="TorchScript",
         )
-        quantization_sqnr = None
-        if ctx.float_outputs is not None and ctx.reference_outputs is not None:
-            quantization_sqnr = sqnr(ctx.float_outputs, ctx.reference_outputs)
-            figures["sqnr_db_reference_vs_float"] = quantization_sqnr
-            check_against_reference(figures, quantization_sqnr, "TorchScript")
         path = out_dir / FILENAME
         os.replace(tmp, path)
     except BaseException:
