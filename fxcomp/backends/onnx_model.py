@@ -24,6 +24,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,13 +41,14 @@ from fxcomp.onnx_check import check
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import KERNEL_ENGINES
-from fxcomp.verify import checked_parity
+from fxcomp.verify import FLOAT_SQNR_DB, checked_parity
 
 __all__ = ["FILENAME", "OPSET", "check_options", "emit", "export", "load", "run"]
 
 FILENAME = "model.onnx"
 OPSET = 17
 MAX_OPSET = 20
+FP16_SQNR_DB = 50.0  # float16 weights: about 11 significant bits
 _KEEP = {"DequantizeLinear"}  # int8 weights stay int8 behind their DequantizeLinear
 
 
@@ -233,6 +235,15 @@ def run(session: ort.InferenceSession, inputs: tuple) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
+def _expected(gm: GraphModule, ctx: CompileContext) -> Any:
+    """What the exported file must reproduce: the reference graph's outputs when quantized,
+    else the compiled graph's own (a pruned graph differs from the traced model)."""
+    if ctx.reference_outputs is not None:
+        return ctx.reference_outputs
+    with torch.no_grad():
+        return gm(*ctx.example_inputs)
+
+
 def emit(
     gm: GraphModule,
     ctx: CompileContext,
@@ -287,9 +298,11 @@ def emit(
         outputs = run(load(tmp), ctx.example_inputs)
         figures = checked_parity(
             outputs,
+            expected=_expected(gm, ctx),
             float_outputs=ctx.float_outputs,
-            reference_outputs=ctx.reference_outputs,
+            quantized=engine is not None,
             what="ONNX Runtime",
+            min_db=FP16_SQNR_DB if fp16_weights else FLOAT_SQNR_DB,
         )
         path = out_dir / FILENAME
         os.replace(tmp, path)
