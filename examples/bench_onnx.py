@@ -1,22 +1,51 @@
 """INT8 in ONNX Runtime: fxcomp's QDQ file against ONNX Runtime's own ``quantize_static``.
 
-    python examples/bench_onnx.py [--model resnet18 ...] [--batch 1 --batch 8]
+    python examples/bench_onnx.py --model resnet18 --model resnet50 --model mobilenet_v2
+    python examples/bench_onnx.py --model resnet18 --batch 1 --batch 8 --json onnx.json
 
-Three files per model, all from the same random-weight model (BatchNorm statistics first
-re-estimated on the input distribution, as random weights otherwise give degenerate
-activations): the float ONNX (``fxcomp.compile(..., backend="onnx")``), fxcomp's QDQ file
-(``quantize(engine="ort")``: uint8 activations, int8 per-channel weights), and ONNX
-Runtime's ``quantize_static`` in its fastest configuration here: ``quant_pre_process`` on the
-float file, then QDQ format, uint8 activations, int8 per-channel weights, MinMax
-calibration on the same batches. Every session is made by ``fxcomp.backends.onnx_model.load``
-(CPU provider, intra-op thread spinning off, so sessions do not steal each other's cores);
-the three are timed interleaved after warm-ups, and the table gives medians. SQNR is
-against the float file's output on held-out inputs.
+Three ONNX files per torchvision model, all made from the same random-weight float model
+(``weights=None``; BatchNorm statistics first re-estimated on the input distribution, as
+random weights otherwise give degenerate activations, exactly as
+``examples/bench_quantize.py`` does):
+
+* float: ``fxcomp.compile(model, x, passes=[fuse()], backend="onnx")``;
+* fxcomp: ``fxcomp.compile(model, x, passes=[fuse(), quantize(calib, engine="ort")],
+  backend="onnx", engine="ort")``: QDQ, uint8 activations, int8 per-channel weights;
+* quantize_static: ONNX Runtime's ``quant_pre_process`` on the float file, then
+  ``quantize_static`` in its fastest configuration here: ``QuantFormat.QDQ``, ``QUInt8``
+  activations, ``QInt8`` weights, ``per_channel=True``, ``--calibrate-method`` (default
+  MinMax, ONNX Runtime's own default), through a ``CalibrationDataReader``.
+
+Both quantizers calibrate on the same batches as ``bench_quantize.py``: ``--calib-batches``
+batches of 8 normal-noise images (the input distribution the BatchNorm statistics were
+estimated on), generator seed 1; two further batches of 8 are held out.
+
+Measured per model:
+
+* latency of one ``session.run`` in ms at each ``--batch`` (input Bx3x224x224, default 1):
+  every session comes from ``fxcomp.backends.onnx_model.load`` (CPU execution provider,
+  ``session.intra_op.allow_spinning`` = "0", so the three sessions in one process do not
+  steal each other's cores; ``--threads`` sets ``intra_op_num_threads``), each is warmed up
+  ``--warmup`` times at that batch size, then the three are timed round-robin for
+  ``--repeats`` rounds (the order rotated every round, so none always follows the float
+  model's cache-flushing run); the table gives medians, the speed-up of each over float and
+  fxcomp's latency as a ratio of quantize_static's (lower is better);
+* SQNR in dB of each quantized file's output against the float file's output on the
+  held-out batches (``fxcomp.verify.sqnr``);
+* file sizes, and the operator counts of each file after ONNX Runtime's graph optimization
+  (the graph the CPU provider actually runs, dumped with ``optimized_model_filepath``): the
+  QLinear*/QGemm nodes run in INT8, the rest in float; QuantizeLinear/DequantizeLinear left
+  in the optimized graph are real conversions at run time.
+
+``--keep DIR`` keeps the ONNX files and the optimized graphs; ``--json PATH`` writes every
+number.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import tempfile
 import time
@@ -24,10 +53,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 import torchvision
 from onnxruntime.quantization import (
     CalibrationDataReader,
+    CalibrationMethod,
     QuantFormat,
     QuantType,
     quantize_static,
@@ -42,14 +74,30 @@ from fxcomp.batchnorm import reestimate_batchnorm
 from fxcomp.verify import sqnr
 
 KINDS = ("float", "quantize_static", "fxcomp")
+QUANTIZED = ("quantize_static", "fxcomp")
+# Operators of the optimized graphs, first in the table in this order (then the others).
+OPS = (
+    "QLinearConv",
+    "QLinearAdd",
+    "QLinearGlobalAveragePool",
+    "QGemm",
+    "QuantizeLinear",
+    "DequantizeLinear",
+)
 
 
-class _Batches(CalibrationDataReader):
+class Batches(CalibrationDataReader):
+    """The calibration batches, as numpy feeds, for ``quantize_static``."""
+
     def __init__(self, batches: list[torch.Tensor]) -> None:
-        self.batches = iter([{"input": b.numpy()} for b in batches])
+        self.feeds = [{"input": b.numpy()} for b in batches]
+        self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.batches, None)
+        return next(self.items, None)
+
+    def rewind(self) -> None:
+        self.items = iter(self.feeds)
 
 
 def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
@@ -57,99 +105,193 @@ def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
     return reestimate_batchnorm(torchvision.models.get_model(name, weights=None), data)
 
 
-def make_files(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict[str, Path]:
+def make_files(
+    model: nn.Module, calibration: list[torch.Tensor], out: Path, method: str
+) -> dict[str, Path]:
     """The float file, ONNX Runtime's QDQ file and fxcomp's QDQ file."""
     x = calibration[0][:1]
-    fuse = fxcomp.passes.fuse()
-    float_file = fxcomp.compile(model, x, [fuse], "onnx", out / "float").artifact.path
-    passes = [fuse, fxcomp.passes.quantize(calibration, engine="ort", progress=False)]
+    passes = [fxcomp.passes.fuse()]
+    float_file = fxcomp.compile(model, x, passes, "onnx", out / "float").artifact.path
+    passes = [
+        fxcomp.passes.fuse(),
+        fxcomp.passes.quantize(calibration, engine="ort", progress=False),
+    ]
     ours = fxcomp.compile(model, x, passes, "onnx", out / "fxcomp", engine="ort").artifact.path
-    prepared, peer = out / "prepared.onnx", out / "quantize_static.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quant_pre_process(str(float_file), str(prepared))
-        quantize_static(
-            str(prepared),
-            str(peer),
-            _Batches(calibration),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-        )
+    prepared, peer = out / "float_preprocessed.onnx", out / "quantize_static.onnx"
+    quant_pre_process(str(float_file), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(peer),
+        Batches(calibration),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        calibrate_method=CalibrationMethod[method],
+    )
     return {"float": float_file, "quantize_static": peer, "fxcomp": ours}
 
 
-def latency_ms(sessions: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median ms per call, the sessions interleaved."""
+def optimized_ops(path: Path, threads: int | None) -> dict[str, int]:
+    """Operator counts of ``path`` after ONNX Runtime's graph optimization (same options as
+    ``onnx_model.load``, plus the dump)."""
+    dump = path.with_name(path.stem + ".ort_optimized.onnx")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    options.optimized_model_filepath = str(dump)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    counts = collections.Counter(node.op_type for node in onnx.load(str(dump)).graph.node)
+    return dict(counts.most_common())
+
+
+def latency_ms(
+    sessions: dict[str, ort.InferenceSession], x: torch.Tensor, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median ms per ``session.run`` at ``x``'s batch size, the sessions timed round-robin,
+    the order rotated every round (none always runs right after the float model)."""
     feeds = {"input": x.numpy()}
     for session in sessions.values():
-        for _ in range(3):
+        for _ in range(warmup):
             session.run(None, feeds)
     times: dict[str, list[float]] = {key: [] for key in sessions}
-    for _ in range(repeats):
-        for key, session in sessions.items():
+    keys = list(sessions)
+    for i in range(repeats):
+        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:  # each goes first in turn
             start = time.perf_counter()
-            session.run(None, feeds)
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
+            sessions[key].run(None, feeds)
+            times[key].append((time.perf_counter() - start) * 1e3)
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
-def measure(name: str, batches: list[int], repeats: int) -> list[list[object]]:
-    gen = torch.Generator().manual_seed(0)
-    data = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(6)]
-    calibration, held_out = data[:4], data[4:]
-    model = prepared_model(name, calibration[:2])
-    with tempfile.TemporaryDirectory() as tmp:
-        files = make_files(model, calibration, Path(tmp))
-        sessions = {key: onnx_model.load(path) for key, path in files.items()}
-        outputs = {
-            key: torch.cat([onnx_model.run(s, (h,)) for h in held_out])
-            for key, s in sessions.items()
-        }
-        sizes = {key: path.stat().st_size / 2**20 for key, path in files.items()}
-        rows = []
-        for batch in batches:
-            ms = latency_ms(sessions, held_out[0][:batch], repeats)
-            rows.append(
-                [
-                    name,
-                    batch,
-                    *(f"{ms[k]:.2f}" for k in KINDS),
-                    f"{ms['float'] / ms['quantize_static']:.2f}x",
-                    f"{ms['float'] / ms['fxcomp']:.2f}x",
-                    f"{ms['fxcomp'] / ms['quantize_static']:.2f}",
-                    f"{sqnr(outputs['float'], outputs['quantize_static']):.2f}",
-                    f"{sqnr(outputs['float'], outputs['fxcomp']):.2f}",
-                    " / ".join(f"{sizes[k]:.1f}" for k in KINDS),
-                ]
-            )
+def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(args.calib_batches + 2)]
+    calibration, held_out = data[:-2], data[-2:]
+    model = prepared_model(name, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        files = make_files(model, calibration, work / name, args.calibrate_method)
+    sessions = {key: onnx_model.load(path, threads=args.threads) for key, path in files.items()}
+    outputs = {
+        key: torch.cat([onnx_model.run(s, (h,)) for h in held_out]) for key, s in sessions.items()
+    }
+    result = {
+        "model": name,
+        "calibration": f"{len(calibration)} batches of 8, normal noise",
+        "calibrate_method": args.calibrate_method,
+        "sqnr_db": {key: sqnr(outputs["float"], outputs[key]) for key in QUANTIZED},
+        "size_mib": {key: path.stat().st_size / 2**20 for key, path in files.items()},
+        "optimized_ops": {key: optimized_ops(path, args.threads) for key, path in files.items()},
+        "latency_ms": {},
+    }
+    for batch in args.batch:
+        x = held_out[0][:batch] if batch <= 8 else torch.randn(batch, 3, 224, 224)
+        ms = latency_ms(sessions, x, args.repeats, args.warmup)
+        result["latency_ms"][batch] = ms
+        print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+    return result
+
+
+def latency_rows(r: dict) -> list[list[object]]:
+    rows = []
+    for batch, ms in r["latency_ms"].items():
+        rows.append(
+            [
+                r["model"],
+                batch,
+                *(f"{ms[k]:.2f}" for k in KINDS),
+                *(f"{ms['float'] / ms[k]:.2f}x" for k in QUANTIZED),
+                f"{ms['fxcomp'] / ms['quantize_static']:.3f}",
+                *(f"{r['sqnr_db'][k]:.2f}" for k in QUANTIZED),
+            ]
+        )
     return rows
+
+
+def size_row(r: dict) -> list[object]:
+    return [r["model"], *(f"{r['size_mib'][k]:.2f}" for k in KINDS)]
+
+
+def op_columns(results: list[dict]) -> list[str]:
+    """Every operator of the optimized graphs: ``OPS`` first, then by total count."""
+    totals: collections.Counter = collections.Counter()
+    for r in results:
+        for counts in r["optimized_ops"].values():
+            totals.update(counts)
+    return [*OPS, *(op for op, _ in totals.most_common() if op not in OPS)]
+
+
+def ops_rows(r: dict, columns: list[str]) -> list[list[object]]:
+    return [
+        [r["model"], key, sum(counts.values()), *(counts.get(op, 0) for op in columns)]
+        for key, counts in r["optimized_ops"].items()
+    ]
+
+
+def report(results: list[dict]) -> None:
+    method = results[0]["calibrate_method"]
+    columns = op_columns(results)
+    tables = [
+        (
+            [row for r in results for row in latency_rows(r)],
+            [
+                "model",
+                "batch",
+                "float ms",
+                "quantize_static ms",
+                "fxcomp ms",
+                "quantize_static speed-up",
+                "fxcomp speed-up",
+                "fxcomp / quantize_static",
+                f"quantize_static ({method}) SQNR dB",
+                "fxcomp SQNR dB",
+            ],
+        ),
+        (
+            [size_row(r) for r in results],
+            ["model", "float MiB", "quantize_static MiB", "fxcomp MiB"],
+        ),
+        (
+            [row for r in results for row in ops_rows(r, columns)],
+            ["model", "file", "nodes", *columns],
+        ),
+    ]
+    for rows, headers in tables:
+        align = ("left",) * 2 + ("right",) * (len(headers) - 2)
+        print()
+        print(tabulate(rows, headers=headers, disable_numparse=True, colalign=align))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="torchvision model (repeatable)")
-    parser.add_argument("--batch", action="append", type=int, help="batch size (repeatable)")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batch", action="append", type=int, help="batch size (default: 1)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs of each session")
+    parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 8")
+    parser.add_argument(
+        "--calibrate-method",
+        default="MinMax",
+        choices=[m.name for m in CalibrationMethod],
+        help="quantize_static's calibration (default: MinMax)",
+    )
+    parser.add_argument("--threads", type=int, help="intra_op_num_threads (default: ORT's)")
+    parser.add_argument("--keep", help="write the ONNX files and optimized graphs here")
+    parser.add_argument("--json", help="also write the numbers to this path")
     args = parser.parse_args()
-    rows = []
-    for name in args.model or ["resnet18", "resnet50", "mobilenet_v2"]:
-        rows += measure(name, args.batch or [1], args.repeats)
-    headers = [
-        "model",
-        "batch",
-        "float ms",
-        "quantize_static ms",
-        "fxcomp ms",
-        "peer speed-up",
-        "fxcomp speed-up",
-        "fxcomp / peer",
-        "peer SQNR dB",
-        "fxcomp SQNR dB",
-        "MiB float / peer / fxcomp",
-    ]
-    print(tabulate(rows, headers=headers, disable_numparse=True))
+    args.batch = args.batch or [1]
+    warnings.filterwarnings("ignore")
+    ort.set_default_logger_severity(3)  # not the warning that optimized dumps are host-specific
+    models = args.model or ["resnet18", "resnet50", "mobilenet_v2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        results = [measure(name, args, work) for name in models]
+    report(results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
