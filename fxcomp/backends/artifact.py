@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Artifact"]
+import torch
+from torch.fx import GraphModule
+
+__all__ = ["Artifact", "expected_outputs"]
 
 
 @dataclass
@@ -32,3 +35,13 @@ class Artifact:
             "manifest": self.manifest,
             "parity": self.parity,
         }
+
+
+def expected_outputs(gm: GraphModule, reference_outputs: Any, example_inputs: tuple) -> Any:
+    """What a backend's file must reproduce: the reference graph's outputs when the graph is
+    quantized, else the compiled graph's own (a pruned graph differs from the traced model).
+    """
+    if reference_outputs is not None:
+        return reference_outputs
+    with torch.no_grad():
+        return gm(*example_inputs)

@@ -24,7 +24,6 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -34,7 +33,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch.fx import GraphModule
 
-from fxcomp.backends.artifact import Artifact
+from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
 from fxcomp.onnx_check import check
@@ -235,15 +234,6 @@ def run(session: ort.InferenceSession, inputs: tuple) -> torch.Tensor:
     return torch.from_numpy(session.run(None, feeds)[0])
 
 
-def _expected(gm: GraphModule, ctx: CompileContext) -> Any:
-    """What the exported file must reproduce: the reference graph's outputs when quantized,
-    else the compiled graph's own (a pruned graph differs from the traced model)."""
-    if ctx.reference_outputs is not None:
-        return ctx.reference_outputs
-    with torch.no_grad():
-        return gm(*ctx.example_inputs)
-
-
 def emit(
     gm: GraphModule,
     ctx: CompileContext,
@@ -298,7 +288,7 @@ def emit(
         outputs = run(load(tmp), ctx.example_inputs)
         figures = checked_parity(
             outputs,
-            expected=_expected(gm, ctx),
+            expected=expected_outputs(gm, ctx.reference_outputs, ctx.example_inputs),
             float_outputs=ctx.float_outputs,
             quantized=engine is not None,
             what="ONNX Runtime",

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.artifact import Artifact
+from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
 from fxcomp.quant.reference import QuantDequant
@@ -63,10 +63,7 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
         "specialised_for": shapes,
         "torch": torch.__version__,
     }
-    expected = ctx.reference_outputs
-    if expected is None:  # a float graph: the file must reproduce it
-        with torch.no_grad():
-            expected = gm(*ctx.example_inputs)
+    expected = expected_outputs(gm, ctx.reference_outputs, ctx.example_inputs)
     try:
         with packing_engine(engine), deprecated_apis(), torch.no_grad():
             scripted = torch.jit.freeze(torch.jit.trace(gm.eval(), ctx.example_inputs).eval())
