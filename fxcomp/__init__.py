@@ -9,6 +9,7 @@ Example::
 """
 
 from fxcomp import passes
+from fxcomp.bundle import Bundle, load_bundle
 from fxcomp.compiler import CompileResult, compile
 from fxcomp.context import CompileContext
 from fxcomp.dump import DumpAfterEach, render_graph
@@ -29,6 +30,7 @@ from fxcomp.trace import trace
 
 __all__ = [
     "BackendError",
+    "Bundle",
     "CompileContext",
     "CompileResult",
     "DumpAfterEach",
@@ -46,6 +48,7 @@ __all__ = [
     "VerificationError",
     "compile",
     "load",
+    "load_bundle",
     "passes",
     "render_graph",
     "save",

@@ -4,6 +4,7 @@ Example::
 
     fxcomp dump torchvision:resnet18 --passes fuse --format table
     fxcomp check out/model.onnx --target tensorrt
+    fxcomp inspect out/model.fxbundle
     fxcomp passes
 """
 
@@ -149,7 +150,8 @@ _observer_option = click.option(
     "--calib",
     default="random",
     show_default=True,
-    help="Calibration data: random, digits or folder:PATH (images).",
+    help="Calibration data: random, digits, photos (scikit-learn's sample photographs) or "
+    "folder:PATH (images).",
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="x86", show_default=True)
@@ -168,11 +170,19 @@ _observer_option = click.option(
 @_observer_option
 @click.option(
     "--backend",
-    type=click.Choice(["torchscript", "onnx"]),
+    type=click.Choice(["torchscript", "onnx", "mobile"]),
     default="torchscript",
     show_default=True,
     help="torchscript: fbgemm/qnnpack kernels (engines x86, fbgemm, qnnpack); onnx: float or "
-    "QDQ for TensorRT (--engine tensorrt) or ONNX Runtime (--engine ort).",
+    "QDQ for TensorRT (--engine tensorrt) or ONNX Runtime (--engine ort); mobile: a lite "
+    "interpreter bundle (--engine qnnpack).",
+)
+@click.option("--mean", help="mobile: per-channel input mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="mobile: per-channel input std the app divides by.")
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="mobile: a text file with one class label per line.",
 )
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
@@ -191,6 +201,9 @@ def compile_command(
     engine: str,
     observer: str,
     backend: str,
+    mean: str | None,
+    std: str | None,
+    labels: Path | None,
     output_dir: Path,
     leaves: tuple[str, ...],
 ) -> None:
@@ -198,6 +211,12 @@ def compile_command(
     from fxcomp.calibration_data import calibration_batches
     from fxcomp.graph import state_size
 
+    options = _mobile_options(backend, mean, std, labels)
+    if backend == "mobile" and "quantize" in pass_names and engine != "qnnpack":
+        raise InputError(
+            f"the mobile backend runs qnnpack kernels, not {engine}'s",
+            hint="use --engine qnnpack with --backend mobile",
+        )
     if backend == "onnx" and "quantize" in pass_names and engine in KERNEL_ENGINES:
         raise InputError(
             f"engine {engine} quantizes for fbgemm/qnnpack kernels, which ONNX cannot hold",
@@ -231,6 +250,7 @@ def compile_command(
         output_dir,
         leaf_modules=leaves,
         engine=engine,
+        backend_options=options,
     )
     click.echo(str(result.report))
     for name in result.report.tables:
@@ -251,6 +271,29 @@ def compile_command(
     if backend == "onnx":
         rows.append(["trtexec", _trtexec(artifact.path, shape, engine, "quantize" in pass_names)])
     click.echo("\n" + tabulate(rows, tablefmt="plain"))
+
+
+def _mobile_options(
+    backend: str, mean: str | None, std: str | None, labels: Path | None
+) -> dict[str, Any]:
+    """The mobile backend's options from --mean, --std and --labels."""
+    given = {"mean": mean, "std": std, "labels": labels}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if options and backend != "mobile":
+        raise InputError(f"--{', --'.join(options)} apply to --backend mobile only")
+    for key in ("mean", "std"):
+        if key in options:
+            try:
+                options[key] = [float(v) for v in options[key].split(",")]
+            except ValueError:
+                raise InputError(
+                    f"--{key} '{options[key]}' is not a list of numbers",
+                    hint=f"write it like --{key} 0.485,0.456,0.406",
+                ) from None
+    if labels is not None:
+        lines = labels.read_text().splitlines()
+        options["labels"] = [line.strip() for line in lines if line.strip()]
+    return options
 
 
 def _trtexec(path: Path, shape: tuple[int, ...], engine: str, quantized: bool) -> str:
@@ -316,3 +359,62 @@ def check_command(model_path: str, target: str, as_json: bool) -> None:
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.table())
     if not result.ok:
         raise click.exceptions.Exit(1)
+
+
+@main.command(name="inspect")
+@click.argument("bundle_path", metavar="MODEL.fxbundle")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+def inspect_command(bundle_path: str, as_json: bool) -> None:
+    """Print a mobile bundle's manifest and re-run its bundled samples.
+
+    Exits 0 when the samples reproduce, 1 when they do not, 2 when the bundle is refused.
+    """
+    from fxcomp.bundle import load_bundle
+    from fxcomp.errors import VerificationError
+
+    bundle = load_bundle(bundle_path)
+    manifest = bundle.manifest
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        click.echo(_manifest_table(manifest))
+    try:
+        errors = bundle.verify()
+    except VerificationError as err:
+        click.echo(f"samples: FAILED: {err.message}")
+        raise click.exceptions.Exit(1) from None
+    worst = max(errors, default=0.0)
+    click.echo(
+        f"samples: reproduced (max abs error {worst:.3g}, tolerance "
+        f"{manifest['samples']['atol']:.3g})"
+    )
+
+
+def _manifest_table(manifest: dict[str, Any]) -> str:
+    """The manifest's headline facts as a two-column table."""
+
+    def tensors(entries: list[dict[str, Any]]) -> str:
+        return "; ".join(
+            f"{e['name']} {e['dtype']}{e['shape']} dynamic axes {e['dynamic_axes']}"
+            for e in entries
+        )
+
+    layers = manifest.get("layers", [])
+    int8 = sum(1 for layer in layers if layer["precision"] == "int8")
+    pre = manifest.get("preprocessing")
+    labels = manifest.get("labels")
+    rows = [
+        ["format", manifest["format"]],
+        ["engine", manifest.get("engine") or "float"],
+        ["inputs", tensors(manifest["inputs"])],
+        ["outputs", tensors(manifest["outputs"])],
+        ["preprocessing", f"mean {pre['mean']}, std {pre['std']}" if pre else "none recorded"],
+        ["labels", f"{len(labels)} ({', '.join(labels[:3])}, ...)" if labels else "none"],
+        ["layers", f"{int8} INT8, {len(layers) - int8} float"],
+        ["versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())],
+        ["bytecode", manifest["bytecode_version"]],
+        ["model.ptl", f"{manifest['members']['model.ptl']['bytes'] / 2**20:.2f} MiB"],
+        *[[key, f"{value:.4g}"] for key, value in manifest.get("parity", {}).items()],
+        *[["note", note] for note in manifest.get("notes", ())],
+    ]
+    return tabulate(rows, tablefmt="plain", disable_numparse=True)

@@ -123,4 +123,6 @@ class Report:
             figures = ", ".join(f"{k} {v:.4g}" for k, v in artifact["parity"].items())
             size = artifact["bytes"] / 2**20 if artifact["bytes"] else 0.0
             text += f"\n{artifact['backend']}: {artifact['path']} ({size:.2f} MiB) {figures}"
+            for note in artifact["manifest"].get("notes", ()):
+                text += f"\n  note: {note}"
         return text

@@ -8,9 +8,9 @@ Example::
 
 from types import MappingProxyType
 
-from fxcomp.backends import onnx_model, torchscript
+from fxcomp.backends import mobile, onnx_model, torchscript
 from fxcomp.backends.artifact import Artifact
 
 __all__ = ["BACKENDS", "Artifact"]
 
-BACKENDS = MappingProxyType({"torchscript": torchscript, "onnx": onnx_model})
+BACKENDS = MappingProxyType({"torchscript": torchscript, "onnx": onnx_model, "mobile": mobile})

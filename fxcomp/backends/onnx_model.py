@@ -20,8 +20,6 @@ Example::
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from torch.fx import GraphModule
 
+from fxcomp.atomic import write_atomic
 from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
@@ -274,29 +273,17 @@ def emit(
         "quantized": engine is not None,
         "inputs": [list(t.shape) for t in ctx.example_inputs if isinstance(t, torch.Tensor)],
     }
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
-    except OSError as err:
-        raise BackendError(
-            f"cannot write to {out_dir}: {err.strerror or err}",
-            hint="choose an output directory you can write to",
-        ) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        outputs = run(load(tmp), ctx.example_inputs)
-        figures = checked_parity(
-            outputs,
+
+    def verify(tmp: Path) -> dict[str, float]:
+        return checked_parity(
+            run(load(tmp), ctx.example_inputs),
             expected=expected_outputs(gm, ctx.reference_outputs, ctx.example_inputs),
             float_outputs=ctx.float_outputs,
             quantized=engine is not None,
             what="ONNX Runtime",
             min_db=FP16_SQNR_DB if fp16_weights else FLOAT_SQNR_DB,
         )
-        path = out_dir / FILENAME
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    path = out_dir / FILENAME
+    figures = write_atomic(path, model.SerializeToString(), check=verify)
     return Artifact("onnx", path, manifest, figures)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from fxcomp.atomic import write_atomic
 from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
@@ -33,7 +32,7 @@ from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
 from fxcomp.verify import checked_parity
 
-__all__ = ["FILENAME", "check_options", "emit", "load"]
+__all__ = ["FILENAME", "check_options", "emit", "load", "script"]
 
 FILENAME = "model.pt"
 
@@ -46,6 +45,20 @@ def check_options(**options: Any) -> None:
     """The TorchScript backend takes no options."""
     if options:
         raise InputError(f"the torchscript backend takes no options, got {sorted(options)}")
+
+
+def script(gm: GraphModule, example_inputs: tuple, engine: str) -> torch.jit.ScriptModule:
+    """``gm`` traced on ``example_inputs`` and frozen, its weights packed for ``engine``.
+
+    Example::
+
+        scripted = script(lowered_gm, (torch.randn(1, 3, 224, 224),), "qnnpack")
+    """
+    try:
+        with packing_engine(engine), deprecated_apis(), torch.no_grad():
+            return torch.jit.freeze(torch.jit.trace(gm.eval(), example_inputs).eval())
+    except Exception as err:
+        raise BackendError(f"TorchScript export failed: {type(err).__name__}: {err}") from err
 
 
 def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
@@ -64,33 +77,24 @@ def emit(gm: GraphModule, ctx: CompileContext, out_dir: Path) -> Artifact:
         "torch": torch.__version__,
     }
     expected = expected_outputs(gm, ctx.reference_outputs, ctx.example_inputs)
-    try:
-        with packing_engine(engine), deprecated_apis(), torch.no_grad():
-            scripted = torch.jit.freeze(torch.jit.trace(gm.eval(), ctx.example_inputs).eval())
-            buffer = io.BytesIO()
-            torch.jit.save(scripted, buffer, _extra_files={"fxcomp.json": json.dumps(manifest)})
-    except Exception as err:
-        raise BackendError(f"TorchScript export failed: {type(err).__name__}: {err}") from err
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{FILENAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        loaded = load(Path(tmp))
+    scripted = script(gm, ctx.example_inputs, engine)
+    buffer = io.BytesIO()
+    with deprecated_apis():
+        torch.jit.save(scripted, buffer, _extra_files={"fxcomp.json": json.dumps(manifest)})
+
+    def verify(tmp: Path) -> dict[str, float]:
         with torch.no_grad():
-            outputs = loaded(*ctx.example_inputs)
-        figures = checked_parity(
+            outputs = load(tmp)(*ctx.example_inputs)
+        return checked_parity(
             outputs,
             expected=expected,
             float_outputs=ctx.float_outputs,
             quantized=ctx.reference_outputs is not None,
             what="TorchScript",
         )
-        path = out_dir / FILENAME
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    path = out_dir / FILENAME
+    figures = write_atomic(path, buffer.getvalue(), check=verify)
     return Artifact("torchscript", path, manifest, figures)
 
 

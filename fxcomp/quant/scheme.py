@@ -158,8 +158,9 @@ def packing_engine(engine: str) -> Iterator[None]:
 def deprecated_apis() -> Iterator[None]:
     """Silence torch's deprecation warnings for what the fbgemm/qnnpack path needs.
 
-    Quantized tensors and TorchScript are deprecated upstream, but the fbgemm/qnnpack kernels
-    take quantized tensors and TorchScript is how they deploy.
+    Quantized tensors, TorchScript and the lite interpreter are deprecated upstream, but the
+    fbgemm/qnnpack kernels take quantized tensors, and TorchScript and the lite interpreter
+    are how they deploy.
 
     Example::
 
@@ -169,4 +170,5 @@ def deprecated_apis() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*Lite Interpreter is deprecated.*")
         yield
