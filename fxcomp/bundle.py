@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def _member(archive: zipfile.ZipFile, name: str, path: Path) -> bytes:
             f"{path} has no '{name}' member: it is not a complete fxcomp bundle",
             hint="write the bundle again with fxcomp compile --backend mobile",
         ) from None
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as err:
         raise BackendError(f"{path}: member '{name}' is damaged ({err})") from err
 
 
