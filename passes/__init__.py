@@ -14,6 +14,7 @@ from types import MappingProxyType
 from fxcomp.passes.calibration import calibrate, run_calibration
 from fxcomp.passes.common_subexpressions import cse, eliminate_common_subexpressions
 from fxcomp.passes.dead_code import dce, eliminate_dead_code
+from fxcomp.passes.distillation import DistillOptions, distill, distill_student
 from fxcomp.passes.freezing import freeze, freeze_qparams
 from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
 from fxcomp.passes.lowering import lower, lower_to_kernels
@@ -24,11 +25,14 @@ from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
 
 __all__ = [
     "BUILTIN",
+    "DistillOptions",
     "FuseOptions",
     "SparsifyOptions",
     "calibrate",
     "cse",
     "dce",
+    "distill",
+    "distill_student",
     "eliminate_common_subexpressions",
     "eliminate_dead_code",
     "freeze",

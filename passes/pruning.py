@@ -42,6 +42,7 @@ from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.trace import tensor_metadata
 
 __all__ = [
+    "KEPT_CHANNELS",
     "GroupPlan",
     "Plan",
     "PruneOptions",
@@ -449,10 +450,30 @@ def _shrink_meta(node: Node, plan: Plan, kept: _Kept) -> None:
         node.meta["tensor_meta"] = tensor_metadata(tuple(source.split(sizes, split.dim)))
 
 
+KEPT_CHANNELS = "fxcomp_kept_channels"
+
+
+def _record_kept(gm: GraphModule, kept: _Kept) -> None:
+    """Note in ``gm.meta[KEPT_CHANNELS]``, per value that loses channels on one axis, that
+    axis and which of its original channels remain (over every round of pruning), so that
+    distillation can compare a pruned layer with the teacher's kept channels."""
+    record = gm.meta.setdefault(KEPT_CHANNELS, {})
+    for node in gm.graph.nodes:
+        span = kept.spans.get(node.name)
+        if node.name not in kept.gone or span is None:
+            continue
+        if len(span.dims) != 1:
+            record.pop(node.name, None)
+            continue
+        before = record.get(node.name, (span.axis, list(range(span.size))))[1]
+        record[node.name] = (span.axis, [before[i] for i in kept(node).tolist()])
+
+
 def _apply(gm: GraphModule, plan: Plan) -> None:
     """Slice every layer, rewrite every baked size and every changed shape for the planned
     removals."""
     kept = _Kept(plan)
+    _record_kept(gm, kept)
     for node in gm.graph.nodes:
         module = module_of(gm, node)
         layer = weighted_layer(module)

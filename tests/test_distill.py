@@ -1,0 +1,208 @@
+"""Knowledge distillation on real digits: recovery after pruning, the teacher untouched,
+feature pairs (a pruned layer against the teacher's kept channels, an adapter otherwise),
+the best epoch kept, and errors before any training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxcomp
+from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.errors import InputError, PassError
+from fxcomp.passes import distill, fuse, prune, quantize
+from fxcomp.passes.distillation import top1_accuracy
+from fxcomp.passes.pruning import KEPT_CHANNELS
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits_split()
+    torch.manual_seed(0)
+    return data, train(DigitsNet(width=32), data, progress=False)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_distill_recovers_a_half_pruned_cnn_within_a_point(digits):
+    data, model = digits
+    before = _state(model)
+    model.train()  # the teacher's mode is its own: distillation must not change it
+    unpruned = accuracy(model.eval(), data.test_x, data.test_y)
+    model.train()
+    epochs = []
+    result = fxcomp.compile(
+        model,
+        data.test_x[:2],
+        passes=[
+            prune(0.5),
+            distill(
+                model,
+                data.batches(32),
+                epochs=4,
+                lr=1e-2,
+                alpha=0.5,
+                validation=data.batches(32)[-6:],
+                callback=lambda epoch, gm, figures: epochs.append(figures),
+                progress=False,
+            ),
+        ],
+    )
+    assert model.training
+    model.eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    student = result.module
+    assert sum(p.numel() for p in student.parameters()) < 0.3 * sum(
+        p.numel() for p in model.parameters()
+    )
+    final = accuracy(student, data.test_x, data.test_y)
+    assert final >= unpruned - 1.0, (final, unpruned)
+    # the best epoch by the validation metric is what remains
+    validation = top1_accuracy(student, data.batches(32)[-6:])
+    assert len(epochs) == 4 and validation == pytest.approx(max(e["metric"] for e in epochs))
+    assert [row["epoch"] for row in result.report.tables["distill"]] == [1, 2, 3, 4]
+    assert result.report.find("distill").modified
+
+
+def test_a_pruned_layer_is_compared_with_the_teachers_kept_channels(digits):
+    data, model = digits
+    gm = fxcomp.compile(model, data.test_x[:2], passes=[prune(0.5, steps=2)]).module
+    axis, kept = gm.meta[KEPT_CHANNELS]["stem_0"]
+    assert axis == 1 and len(kept) == 16 and kept == sorted(kept)
+    x = data.test_x[:8]
+    with torch.no_grad():  # the first conv sees the unpruned input: its kept rows are exact
+        torch.testing.assert_close(
+            gm.get_submodule("stem.0")(x), model.stem[0](x)[:, kept], rtol=1e-5, atol=1e-6
+        )
+    losses = []
+    fxcomp.compile(
+        model,
+        data.test_x[:2],
+        passes=[
+            prune(0.5),
+            distill(
+                model,
+                data.batches(64)[:4],
+                epochs=1,
+                features={"stem_0": "stem_0", "relu": "relu"},
+                callback=lambda epoch, gm, figures: losses.append(figures["features"]),
+                progress=False,
+            ),
+        ],
+    )
+    assert 0 < losses[0] < 1
+
+
+def test_an_unpruned_narrower_student_gets_an_adapter(digits):
+    data, teacher = digits
+    torch.manual_seed(1)
+    student = DigitsNet(width=16).eval()
+    losses = []
+    result = fxcomp.compile(
+        student,
+        data.test_x[:2],
+        passes=[
+            distill(
+                teacher,
+                data.batches(64),
+                epochs=5,
+                lr=1e-2,
+                features={"relu": "relu"},
+                callback=lambda epoch, gm, figures: losses.append(figures["features"]),
+                progress=False,
+            )
+        ],
+    )
+    assert losses[-1] < losses[0]
+    assert accuracy(result.module, data.test_x, data.test_y) > 90
+    # the adapter was for training only: the student keeps its own parameters
+    assert set(result.module.state_dict()) == set(
+        fxcomp.compile(student, data.test_x[:2]).module.state_dict()
+    )
+
+
+def test_labels_are_optional(digits):
+    data, model = digits
+    unlabeled = [x for x, _ in data.batches(64)]
+    result = fxcomp.compile(
+        model,
+        data.test_x[:2],
+        passes=[prune(0.5), distill(model, unlabeled, epochs=2, lr=1e-2, progress=False)],
+    )
+    rows = result.report.tables["distill"]
+    assert all(float(row["hard"]) == 0 for row in rows)
+    assert accuracy(result.module, data.test_x, data.test_y) > 90
+
+
+def test_distill_composes_with_quantize(digits):
+    data, model = digits
+    result = fxcomp.compile(
+        model,
+        data.test_x[:2],
+        passes=[
+            fuse(),
+            prune(0.5),
+            distill(model, data.batches(64), epochs=2, lr=1e-2, progress=False),
+            quantize([x for x, _ in data.batches(64)], progress=False),
+        ],
+    )
+    assert [r.name for r in result.report.records] == [
+        "trace",
+        "fuse",
+        "prune",
+        "distill",
+        "quantize",
+    ]
+    assert accuracy(result.module, data.test_x, data.test_y) > 90
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"relux": "relu"}, "the student has no node 'relux' \\(close: relu"),
+        ({"relu": "down_9"}, "the teacher has no node 'down_9'"),
+        ({"relu": "down_2"}, "differ beyond the channel axis"),
+        ({"fc": "relu"}, "are not comparable tensors"),
+    ],
+)
+def test_bad_feature_pairs_fail_before_training(digits, features, message):
+    data, model = digits
+    called = []
+    with pytest.raises(PassError, match=message):
+        fxcomp.compile(
+            model,
+            data.test_x[:2],
+            passes=[
+                distill(
+                    copy.deepcopy(model),
+                    data.batches(64),
+                    epochs=1,
+                    features=features,
+                    callback=lambda *args: called.append(args),
+                    progress=False,
+                )
+            ],
+        )
+    assert called == []
+
+
+def test_options_and_data_are_checked(digits):
+    data, model = digits
+    with pytest.raises(InputError, match="epochs must be a positive integer"):
+        distill(model, data.batches(), epochs=0)
+    with pytest.raises(InputError, match="alpha must be in"):
+        distill(model, data.batches(), alpha=1.5)
+    with pytest.raises(PassError, match="one-pass iterator"):
+        fxcomp.compile(model, data.test_x[:2], passes=[distill(model, iter(data.batches()))])
+    with pytest.raises(PassError, match="model takes 1 input"):
+        fxcomp.compile(
+            model, data.test_x[:2], passes=[distill(model, [(data.test_x, data.test_y, 1, 2)])]
+        )
+    assert top1_accuracy(model, [(data.test_x, data.test_y)]) == pytest.approx(
+        accuracy(model, data.test_x, data.test_y)
+    )
