@@ -167,6 +167,83 @@ class _Pair(nn.Module):
         return F.mse_loss(student, teacher)
 
 
+class _Distiller:
+    """One training run: the tapped student and teacher, the feature pairs, the optimizer."""
+
+    def __init__(
+        self,
+        gm: GraphModule,
+        teacher: GraphModule,
+        options: DistillOptions,
+        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
+        loss: Callable[[Any, Any], torch.Tensor] | None,
+        batches_per_epoch: int | None,
+    ) -> None:
+        kept = gm.meta.get(KEPT_CHANNELS, {})
+        self.pairs = nn.ModuleList(
+            _Pair(_node(gm, s, "student"), _node(teacher, t, "teacher"), kept)
+            for s, t in options.features.items()
+        )
+        self.student = _tapped(gm, list(options.features))
+        self.teacher = _tapped(teacher, list(options.features.values()))
+        with torch.random.fork_rng():
+            torch.manual_seed(options.seed)
+            self.pairs.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        params = [p for p in [*gm.parameters(), *self.pairs.parameters()] if p.requires_grad]
+        self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, options.lr)
+        self.schedule = None
+        if optimizer is None and batches_per_epoch:
+            steps = options.epochs * batches_per_epoch
+            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, steps)
+        self.hard_loss = loss or F.cross_entropy
+        self.options = options
+        self.inputs = len(gm.graph.find_nodes(op="placeholder"))
+
+    def losses(self, inputs: tuple[Any, ...], label: Any) -> dict[str, torch.Tensor]:
+        """The loss of one batch and its terms."""
+        with torch.no_grad():
+            t_out, *t_feats = self.teacher(*inputs)
+        s_out, *s_feats = self.student(*inputs)
+        temperature, zero = self.options.temperature, s_out.new_zeros(())
+        kd = F.kl_div(
+            F.log_softmax(s_out / temperature, -1),
+            F.log_softmax(t_out / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        kd = kd * temperature**2
+        hard = self.hard_loss(s_out, label) if label is not None else zero
+        alpha = self.options.alpha if label is not None else 1.0
+        terms = zip(self.pairs, s_feats, t_feats, strict=True)
+        features = sum((pair(s, t) for pair, s, t in terms), zero)
+        total = alpha * kd + (1 - alpha) * hard + self.options.feature_weight * features
+        return {"loss": total, "kd": kd, "hard": hard, "features": features}
+
+    def epoch(self, data: Iterable[Any], bar: Any) -> dict[str, float]:
+        """Train one pass over ``data``; the mean of each loss term and the seconds taken."""
+        totals = dict.fromkeys(("loss", "kd", "hard", "features"), 0.0)
+        batches, samples, start = 0, 0, time.perf_counter()
+        for batch in data:
+            inputs, label = _split(batch, self.inputs)
+            terms = self.losses(inputs, label)
+            self.optimizer.zero_grad()
+            terms["loss"].backward()
+            self.optimizer.step()
+            if self.schedule is not None:
+                self.schedule.step()
+            for key, value in terms.items():
+                totals[key] += value.item()
+            batches += 1
+            samples += len(inputs[0]) if isinstance(inputs[0], torch.Tensor) else 1
+            rate = samples / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{terms['loss'].item():.3f}", samples_s=f"{rate:.0f}")
+        if not batches:
+            raise InputError("the distillation data is empty", hint="pass at least one batch")
+        figures = {key: value / batches for key, value in totals.items()}
+        figures["seconds"] = time.perf_counter() - start
+        return figures
+
+
 def distill_student(
     gm: GraphModule,
     ctx: CompileContext,
@@ -184,83 +261,17 @@ def distill_student(
     options.check()
     if iter(data) is data:
         raise InputError("distill data is a one-pass iterator", hint="give a list or a DataLoader")
-    teacher_gm = trace(teacher, ctx.example_inputs)
-    names = list(options.features)
-    pairs = nn.ModuleList(
-        _Pair(
-            _node(gm, s, "student"), _node(teacher_gm, t, "teacher"), gm.meta.get(KEPT_CHANNELS, {})
-        )
-        for s, t in options.features.items()
-    )
-    student = _tapped(gm, names)
-    teacher_run = _tapped(teacher_gm, list(options.features.values()))
-    with torch.random.fork_rng():
-        torch.manual_seed(options.seed)
-        pairs.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
-    params = [p for p in [*gm.parameters(), *pairs.parameters()] if p.requires_grad]
-    opt = optimizer(params) if optimizer else torch.optim.Adam(params, lr=options.lr)
     per_epoch = len(data) if hasattr(data, "__len__") else None
-    schedule = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=options.epochs * per_epoch)
-        if optimizer is None and per_epoch
-        else None
-    )
-    hard_loss = loss or F.cross_entropy
-    count = sum(1 for n in gm.graph.find_nodes(op="placeholder"))
+    run = _Distiller(gm, trace(teacher, ctx.example_inputs), options, optimizer, loss, per_epoch)
+    versions = [p._version for p in gm.parameters()]
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     rows = []
-    bar = tqdm(
-        range(1, options.epochs + 1),
-        desc="distill",
-        unit="epoch",
-        disable=not options.progress or None,
-    )
-    steps = 0
+    epochs = range(1, options.epochs + 1)
+    bar = tqdm(epochs, desc="distill", unit="epoch", disable=not options.progress or None)
     for epoch in bar:
         gm.train()
-        totals = {"loss": 0.0, "kd": 0.0, "hard": 0.0, "features": 0.0}
-        batches, samples, start = 0, 0, time.perf_counter()
-        for batch in data:
-            inputs, label = _split(batch, count)
-            with torch.no_grad():
-                t_out, *t_feats = teacher_run(*inputs)
-            s_out, *s_feats = student(*inputs)
-            temperature = options.temperature
-            kd = (
-                F.kl_div(
-                    F.log_softmax(s_out / temperature, -1),
-                    F.log_softmax(t_out / temperature, -1),
-                    log_target=True,
-                    reduction="batchmean",
-                )
-                * temperature**2
-            )
-            hard = hard_loss(s_out, label) if label is not None else s_out.new_zeros(())
-            alpha = options.alpha if label is not None else 1.0
-            feats = sum(
-                (pair(s, t) for pair, s, t in zip(pairs, s_feats, t_feats, strict=True)),
-                s_out.new_zeros(()),
-            )
-            total = alpha * kd + (1 - alpha) * hard + options.feature_weight * feats
-            opt.zero_grad()
-            total.backward()
-            opt.step()
-            if schedule is not None:
-                schedule.step()
-            for key, value in zip(totals, (total, kd, hard, feats), strict=True):
-                totals[key] += value.item()
-            batches += 1
-            samples += len(inputs[0]) if isinstance(inputs[0], torch.Tensor) else 1
-            steps += 1
-            bar.set_postfix(
-                loss=f"{total.item():.3f}",
-                samples_s=f"{samples / (time.perf_counter() - start):.0f}",
-            )
-        if not batches:
-            raise InputError("the distillation data is empty", hint="pass at least one batch")
+        figures = run.epoch(data, bar)
         gm.eval()
-        figures = {key: value / batches for key, value in totals.items()}
-        figures["seconds"] = time.perf_counter() - start
         if validation is not None:
             figures["metric"] = metric(gm, validation)
             if best is None or figures["metric"] > best[0]:
@@ -272,7 +283,8 @@ def distill_student(
     if best is not None:
         gm.load_state_dict(best[1])
     ctx.report.tables["distill"] = rows
-    return PassResult(gm, modified=steps > 0)
+    modified = [p._version for p in gm.parameters()] != versions
+    return PassResult(gm, modified=modified)
 
 
 def distill(
