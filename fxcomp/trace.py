@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 import linecache
@@ -34,6 +33,7 @@ from torch.utils._pytree import tree_map
 
 from fxcomp.errors import InputError, TraceError
 from fxcomp.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
+from fxcomp.module_copy import copy_module
 
 __all__ = ["as_input_tuple", "propagate_shapes", "tensor_metadata", "trace"]
 
@@ -109,7 +109,7 @@ def trace(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
     try:
-        root = copy.deepcopy(model)
+        root = copy_module(model)
     except Exception as err:
         raise TraceError(
             f"cannot copy the model ({type(err).__name__}: {err})",
