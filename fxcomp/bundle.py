@@ -31,11 +31,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
+from torch.utils._pytree import tree_leaves
 
 from fxcomp.errors import BackendError, VerificationError
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
 
-__all__ = ["FORMAT", "MODEL", "Bundle", "bundle_bytes", "load_bundle", "load_program"]
+__all__ = [
+    "FORMAT",
+    "MODEL",
+    "Bundle",
+    "bundle_bytes",
+    "load_bundle",
+    "load_program",
+    "output_leaves",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +52,12 @@ FORMAT = 1
 MODEL = "model.ptl"
 MANIFEST = "manifest.json"
 SAMPLES = "samples.safetensors"
+
+
+def output_leaves(outputs: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or any nesting of tuples, lists, dicts),
+    in order: what a bundle stores as its sample outputs."""
+    return [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
 
 def _sha256(data: bytes) -> str:
@@ -99,8 +114,7 @@ class Bundle:
 
             load_bundle("out/model.fxbundle").verify()   # [0.0]
         """
-        outputs = self(*self.sample_inputs)
-        leaves = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+        leaves = output_leaves(self(*self.sample_inputs))
         if len(leaves) != len(self.sample_outputs):
             raise VerificationError(
                 f"the model gives {len(leaves)} outputs, the bundle's samples "

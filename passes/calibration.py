@@ -20,16 +20,25 @@ from fxcomp.errors import InputError
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.observers import Observer
 
-__all__ = ["calibrate", "run_calibration"]
+__all__ = ["calibrate", "run_calibration", "split_batch"]
 
 
-def _inputs(batch: Any, count: int, index: int) -> tuple[Any, ...]:
+def split_batch(
+    batch: Any, count: int, index: int, what: str = "calibration"
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """A batch's ``count`` model inputs and the items after them (a label, as a
+    ``DataLoader`` yields ``(inputs..., label)``); a tensor is one input and nothing more.
+
+    Example::
+
+        inputs, rest = split_batch((x, y), 1, 0)   # ((x,), (y,))
+    """
     if isinstance(batch, torch.Tensor):
-        return (batch,)
+        return (batch,), ()
     if isinstance(batch, (tuple, list)) and len(batch) >= count:
-        return tuple(batch[:count])
+        return tuple(batch[:count]), tuple(batch[count:])
     raise InputError(
-        f"calibration batch {index} is a {type(batch).__name__}, not a tensor or a tuple "
+        f"{what} batch {index} is a {type(batch).__name__}, not a tensor or a tuple "
         f"of {count} input(s)",
         hint="yield tensors, or tuples (inputs..., label) as a DataLoader does",
     )
@@ -71,7 +80,7 @@ def run_calibration(
         for index, batch in enumerate(
             tqdm(data, desc="calibrate", unit="batch", disable=not progress or None)
         ):
-            inputs = _inputs(batch, count, index)
+            inputs, _ = split_batch(batch, count, index)
             _check(inputs, ctx.example_inputs, index)
             gm(*inputs)
             seen += 1

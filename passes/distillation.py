@@ -40,6 +40,7 @@ from tqdm import tqdm
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
 from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.passes.calibration import split_batch
 from fxcomp.passes.pruning import KEPT_CHANNELS
 from fxcomp.trace import trace
 
@@ -51,18 +52,16 @@ Metric = Callable[[Callable[..., Any], Iterable[Any]], float]
 Callback = Callable[[int, GraphModule, dict[str, float]], None]
 
 
-def _split(batch: Any, count: int) -> tuple[tuple[Any, ...], Any]:
+def _split(batch: Any, count: int, index: int) -> tuple[tuple[Any, ...], Any]:
     """(inputs, label or None) of a batch: a tensor, inputs, or (inputs..., label)."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,), None
-    if isinstance(batch, tuple | list) and len(batch) in (count, count + 1):
-        return tuple(batch[:count]), batch[count] if len(batch) > count else None
-    raise InputError(
-        f"a distillation batch is a {type(batch).__name__} of "
-        f"{len(batch) if isinstance(batch, tuple | list) else 1} item(s); the model takes "
-        f"{count} input(s)",
-        hint="yield tensors, input tuples, or (inputs..., labels) as a DataLoader does",
-    )
+    inputs, rest = split_batch(batch, count, index, "distillation")
+    if len(rest) > 1:
+        raise InputError(
+            f"distillation batch {index} has {count + len(rest)} items; the model takes "
+            f"{count} input(s), and one label may follow",
+            hint="yield tensors, input tuples, or (inputs..., labels) as a DataLoader does",
+        )
+    return inputs, rest[0] if rest else None
 
 
 def top1_accuracy(model: Callable[..., Any], data: Iterable[Any]) -> float:
@@ -223,8 +222,8 @@ class _Distiller:
         """Train one pass over ``data``; the mean of each loss term and the seconds taken."""
         totals = dict.fromkeys(("loss", "kd", "hard", "features"), 0.0)
         batches, samples, start = 0, 0, time.perf_counter()
-        for batch in data:
-            inputs, label = _split(batch, self.inputs)
+        for index, batch in enumerate(data):
+            inputs, label = _split(batch, self.inputs, index)
             terms = self.losses(inputs, label)
             self.optimizer.zero_grad()
             terms["loss"].backward()

@@ -24,6 +24,12 @@ def digits():
     return data, train(DigitsNet(width=32), data, progress=False)
 
 
+def pruned_and_distilled(model, data, batches, **options):
+    """``model`` pruned by half, then distilled from itself on ``batches``."""
+    passes = [prune(0.5), distill(model, batches, progress=False, **options)]
+    return fxcomp.compile(model, data.test_x[:2], passes=passes)
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -35,22 +41,15 @@ def test_distill_recovers_a_half_pruned_cnn_within_a_point(digits):
     unpruned = accuracy(model.eval(), data.test_x, data.test_y)
     model.train()
     epochs = []
-    result = fxcomp.compile(
+    result = pruned_and_distilled(
         model,
-        data.test_x[:2],
-        passes=[
-            prune(0.5),
-            distill(
-                model,
-                data.batches(32),
-                epochs=4,
-                lr=1e-2,
-                alpha=0.5,
-                validation=data.batches(32)[-6:],
-                callback=lambda epoch, gm, figures: epochs.append(figures),
-                progress=False,
-            ),
-        ],
+        data,
+        data.batches(32),
+        epochs=4,
+        lr=1e-2,
+        alpha=0.5,
+        validation=data.batches(32)[-6:],
+        callback=lambda epoch, gm, figures: epochs.append(figures),
     )
     assert model.training
     model.eval()
@@ -80,20 +79,13 @@ def test_a_pruned_layer_is_compared_with_the_teachers_kept_channels(digits):
             gm.get_submodule("stem.0")(x), model.stem[0](x)[:, kept], rtol=1e-5, atol=1e-6
         )
     losses = []
-    fxcomp.compile(
+    pruned_and_distilled(
         model,
-        data.test_x[:2],
-        passes=[
-            prune(0.5),
-            distill(
-                model,
-                data.batches(64)[:4],
-                epochs=1,
-                features={"stem_0": "stem_0", "relu": "relu"},
-                callback=lambda epoch, gm, figures: losses.append(figures["features"]),
-                progress=False,
-            ),
-        ],
+        data,
+        data.batches(64)[:4],
+        epochs=1,
+        features={"stem_0": "stem_0", "relu": "relu"},
+        callback=lambda epoch, gm, figures: losses.append(figures["features"]),
     )
     assert 0 < losses[0] < 1
 
@@ -129,11 +121,7 @@ def test_an_unpruned_narrower_student_gets_an_adapter(digits):
 def test_labels_are_optional(digits):
     data, model = digits
     unlabeled = [x for x, _ in data.batches(64)]
-    result = fxcomp.compile(
-        model,
-        data.test_x[:2],
-        passes=[prune(0.5), distill(model, unlabeled, epochs=2, lr=1e-2, progress=False)],
-    )
+    result = pruned_and_distilled(model, data, unlabeled, epochs=2, lr=1e-2)
     rows = result.report.tables["distill"]
     assert all(float(row["hard"]) == 0 for row in rows)
     assert accuracy(result.module, data.test_x, data.test_y) > 90

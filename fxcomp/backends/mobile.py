@@ -27,12 +27,11 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.utils._pytree import tree_leaves
 
 from fxcomp.atomic import write_atomic
 from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.backends.torchscript import script
-from fxcomp.bundle import Bundle, bundle_bytes, load_bundle, load_program
+from fxcomp.bundle import Bundle, bundle_bytes, load_bundle, load_program, output_leaves
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
 from fxcomp.graph import module_of
@@ -131,17 +130,13 @@ def _tolerance(gm: GraphModule, outputs: list[torch.Tensor], quantized: bool) ->
     return rtol * biggest + 1e-6, f"{rtol:g} of the largest output"
 
 
-def _leaves(outputs: Any) -> list[torch.Tensor]:
-    return [t.detach() for t in tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-
-
 def _dynamic_batch(module: Any, inputs: tuple, outputs: list[torch.Tensor], atol: float) -> bool:
     """Whether the program runs, row for row the same, on one more row than it was made for."""
     if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         return False
     try:
         with torch.no_grad():
-            bigger = _leaves(module(*(torch.cat([x, x[:1]]) for x in inputs)))
+            bigger = output_leaves(module(*(torch.cat([x, x[:1]]) for x in inputs)))
     except Exception as err:
         log.info("batch axis kept fixed: one more row fails (%s)", err)
         return False
@@ -202,7 +197,7 @@ def emit(
         program = scripted._save_to_buffer_for_lite_interpreter()
     module, bytecode = load_program(program, engine)
     with torch.no_grad():
-        outputs = _leaves(module(*inputs))
+        outputs = output_leaves(module(*inputs))
     _checked_extras(inputs, outputs, mean, labels)
     figures = checked_parity(
         outputs,
