@@ -19,29 +19,9 @@ from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.observers import Observer
+from fxcomp.training import split_batch
 
-__all__ = ["calibrate", "run_calibration", "split_batch"]
-
-
-def split_batch(
-    batch: Any, count: int, index: int, what: str = "calibration"
-) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    """A batch's ``count`` model inputs and the items after them (a label, as a
-    ``DataLoader`` yields ``(inputs..., label)``); a tensor is one input and nothing more.
-
-    Example::
-
-        inputs, rest = split_batch((x, y), 1, 0)   # ((x,), (y,))
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,), ()
-    if isinstance(batch, (tuple, list)) and len(batch) >= count:
-        return tuple(batch[:count]), tuple(batch[count:])
-    raise InputError(
-        f"{what} batch {index} is a {type(batch).__name__}, not a tensor or a tuple "
-        f"of {count} input(s)",
-        hint="yield tensors, or tuples (inputs..., label) as a DataLoader does",
-    )
+__all__ = ["calibrate", "run_calibration"]
 
 
 def _check(inputs: tuple[Any, ...], examples: tuple[Any, ...], index: int) -> None:

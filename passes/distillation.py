@@ -23,10 +23,7 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import difflib
-import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,51 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
-from tqdm import tqdm
 
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
 from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.passes.calibration import split_batch
 from fxcomp.passes.pruning import KEPT_CHANNELS
 from fxcomp.trace import trace
+from fxcomp.training import Callback, Metric, OptimizerFactory, fit, top1_accuracy
 
-__all__ = ["DistillOptions", "distill", "distill_student", "top1_accuracy"]
-
-log = logging.getLogger(__name__)
-
-Metric = Callable[[Callable[..., Any], Iterable[Any]], float]
-Callback = Callable[[int, GraphModule, dict[str, float]], None]
-
-
-def _split(batch: Any, count: int, index: int) -> tuple[tuple[Any, ...], Any]:
-    """(inputs, label or None) of a batch: a tensor, inputs, or (inputs..., label)."""
-    inputs, rest = split_batch(batch, count, index, "distillation")
-    if len(rest) > 1:
-        raise InputError(
-            f"distillation batch {index} has {count + len(rest)} items; the model takes "
-            f"{count} input(s), and one label may follow",
-            hint="yield tensors, input tuples, or (inputs..., labels) as a DataLoader does",
-        )
-    return inputs, rest[0] if rest else None
-
-
-def top1_accuracy(model: Callable[..., Any], data: Iterable[Any]) -> float:
-    """Top-1 accuracy in percent of ``model`` over ``(inputs..., labels)`` batches.
-
-    Example::
-
-        top1_accuracy(gm, [(x, y)])   # 97.5
-    """
-    right = total = 0
-    with torch.no_grad():
-        for batch in data:
-            *inputs, labels = batch
-            right += (model(*inputs).argmax(-1) == labels).sum().item()
-            total += len(labels)
-    if not total:
-        raise InputError("the validation data is empty")
-    return 100.0 * right / total
+__all__ = ["DistillObjective", "DistillOptions", "distill", "distill_student", "report_rows"]
 
 
 @dataclass(frozen=True)
@@ -166,42 +127,40 @@ class _Pair(nn.Module):
         return F.mse_loss(student, teacher)
 
 
-class _Distiller:
-    """One training run: the tapped student and teacher, the feature pairs, the optimizer."""
+class DistillObjective(nn.Module):
+    """The loss of one batch (module docstring) and its terms; the teacher is held, not
+    registered, so that only the student and the adapters train.
+
+    Example::
+
+        terms = DistillObjective(gm, teacher, options)((x,), y)   # {"loss": ..., "kd": ...}
+    """
 
     def __init__(
         self,
         gm: GraphModule,
         teacher: GraphModule,
         options: DistillOptions,
-        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None,
-        loss: Callable[[Any, Any], torch.Tensor] | None,
-        batches_per_epoch: int | None,
+        loss: Callable[[Any, Any], torch.Tensor] | None = None,
     ) -> None:
+        super().__init__()
         kept = gm.meta.get(KEPT_CHANNELS, {})
         self.pairs = nn.ModuleList(
             _Pair(_node(gm, s, "student"), _node(teacher, t, "teacher"), kept)
             for s, t in options.features.items()
         )
         self.student = _tapped(gm, list(options.features))
-        self.teacher = _tapped(teacher, list(options.features.values()))
-        with torch.random.fork_rng():
+        self._teacher = (_tapped(teacher, list(options.features.values())).requires_grad_(False),)
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)
             self.pairs.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
-        params = [p for p in [*gm.parameters(), *self.pairs.parameters()] if p.requires_grad]
-        self.optimizer = optimizer(params) if optimizer else torch.optim.Adam(params, options.lr)
-        self.schedule = None
-        if optimizer is None and batches_per_epoch:
-            steps = options.epochs * batches_per_epoch
-            self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, steps)
         self.hard_loss = loss or F.cross_entropy
         self.options = options
-        self.inputs = len(gm.graph.find_nodes(op="placeholder"))
 
-    def losses(self, inputs: tuple[Any, ...], label: Any) -> dict[str, torch.Tensor]:
-        """The loss of one batch and its terms."""
+    def forward(self, inputs: tuple[Any, ...], label: Any) -> dict[str, torch.Tensor]:
+        teacher = self._teacher[0].eval()
         with torch.no_grad():
-            t_out, *t_feats = self.teacher(*inputs)
+            t_out, *t_feats = teacher(*inputs)
         s_out, *s_feats = self.student(*inputs)
         temperature, zero = self.options.temperature, s_out.new_zeros(())
         kd = F.kl_div(
@@ -218,29 +177,13 @@ class _Distiller:
         total = alpha * kd + (1 - alpha) * hard + self.options.feature_weight * features
         return {"loss": total, "kd": kd, "hard": hard, "features": features}
 
-    def epoch(self, data: Iterable[Any], bar: Any) -> dict[str, float]:
-        """Train one pass over ``data``; the mean of each loss term and the seconds taken."""
-        totals = dict.fromkeys(("loss", "kd", "hard", "features"), 0.0)
-        batches, samples, start = 0, 0, time.perf_counter()
-        for index, batch in enumerate(data):
-            inputs, label = _split(batch, self.inputs, index)
-            terms = self.losses(inputs, label)
-            self.optimizer.zero_grad()
-            terms["loss"].backward()
-            self.optimizer.step()
-            if self.schedule is not None:
-                self.schedule.step()
-            for key, value in terms.items():
-                totals[key] += value.item()
-            batches += 1
-            samples += len(inputs[0]) if isinstance(inputs[0], torch.Tensor) else 1
-            rate = samples / (time.perf_counter() - start)
-            bar.set_postfix(loss=f"{terms['loss'].item():.3f}", samples_s=f"{rate:.0f}")
-        if not batches:
-            raise InputError("the distillation data is empty", hint="pass at least one batch")
-        figures = {key: value / batches for key, value in totals.items()}
-        figures["seconds"] = time.perf_counter() - start
-        return figures
+
+def report_rows(history: list[dict[str, float]]) -> list[dict[str, Any]]:
+    """One report row per epoch, figures to four significant digits."""
+    return [
+        {"epoch": epoch, **{k: f"{v:.4g}" for k, v in figures.items()}}
+        for epoch, figures in enumerate(history, 1)
+    ]
 
 
 def distill_student(
@@ -250,7 +193,7 @@ def distill_student(
     teacher: nn.Module,
     data: Iterable[Any],
     options: DistillOptions = DistillOptions(),
-    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     validation: Iterable[Any] | None = None,
     metric: Metric = top1_accuracy,
@@ -258,30 +201,23 @@ def distill_student(
 ) -> PassResult:
     """Train ``gm`` against ``teacher`` on ``data`` (module docstring)."""
     options.check()
-    if iter(data) is data:
-        raise InputError("distill data is a one-pass iterator", hint="give a list or a DataLoader")
-    per_epoch = len(data) if hasattr(data, "__len__") else None
-    run = _Distiller(gm, trace(teacher, ctx.example_inputs), options, optimizer, loss, per_epoch)
+    objective = DistillObjective(gm, trace(teacher, ctx.example_inputs), options, loss)
     versions = [p._version for p in gm.parameters()]
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
-    rows = []
-    epochs = range(1, options.epochs + 1)
-    bar = tqdm(epochs, desc="distill", unit="epoch", disable=not options.progress or None)
-    for epoch in bar:
-        gm.train()
-        figures = run.epoch(data, bar)
-        gm.eval()
-        if validation is not None:
-            figures["metric"] = metric(gm, validation)
-            if best is None or figures["metric"] > best[0]:
-                best = (figures["metric"], copy.deepcopy(gm.state_dict()))
-        rows.append({"epoch": epoch, **{k: f"{v:.4g}" for k, v in figures.items()}})
-        log.info("distill epoch %d: %s", epoch, figures)
-        if callback is not None:
-            callback(epoch, gm, figures)
-    if best is not None:
-        gm.load_state_dict(best[1])
-    ctx.report.tables["distill"] = rows
+    history = fit(
+        objective,
+        gm,
+        data,
+        epochs=options.epochs,
+        lr=options.lr,
+        desc="distill",
+        optimizer=optimizer,
+        validation=validation,
+        metric=metric,
+        callback=callback,
+        seed=options.seed,
+        progress=options.progress,
+    )
+    ctx.report.tables["distill"] = report_rows(history)
     modified = [p._version for p in gm.parameters()] != versions
     return PassResult(gm, modified=modified)
 
@@ -296,7 +232,7 @@ def distill(
     alpha: float = 0.7,
     features: Mapping[str, str] | None = None,
     feature_weight: float = 1.0,
-    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     validation: Iterable[Any] | None = None,
     metric: Metric = top1_accuracy,

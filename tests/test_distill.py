@@ -13,8 +13,8 @@ import fxcomp
 from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.errors import InputError, PassError
 from fxcomp.passes import distill, fuse, prune, quantize
-from fxcomp.passes.distillation import top1_accuracy
 from fxcomp.passes.pruning import KEPT_CHANNELS
+from fxcomp.training import top1_accuracy
 
 
 @pytest.fixture(scope="module")
