@@ -1,7 +1,9 @@
 """Fused units that ``fuse`` creates: later passes treat each as one quantizable op.
 
 ``ConvReLU(conv)`` computes ``relu(conv(x))``, ``LinearReLU(linear)`` computes
-``relu(linear(x))`` and ``add_relu(a, b)`` computes ``relu(a + b)``. They are ordinary
+``relu(linear(x))`` and ``add_relu(a, b)`` computes ``relu(a + b)``. ``ConvBN(conv, bn)``
+computes ``bn(conv(x))`` (then ReLU with ``relu=True``) while the BatchNorm still trains,
+for quantization-aware training, which folds it at the end. They are ordinary
 modules and functions, so a fused graph runs, saves and exports like any other.
 
 Example::
@@ -16,9 +18,10 @@ import torch
 import torch.fx
 from torch import nn
 
+from fxcomp.batchnorm import fold_batchnorm_
 from fxcomp.graph import CONVS
 
-__all__ = ["ConvReLU", "FusedModule", "LinearReLU", "add_relu", "weighted_layer"]
+__all__ = ["ConvBN", "ConvReLU", "FusedModule", "LinearReLU", "add_relu", "weighted_layer"]
 
 
 class FusedModule(nn.Module):
@@ -55,6 +58,36 @@ class LinearReLU(FusedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.linear(x))
+
+
+class ConvBN(FusedModule):
+    """``bn(conv(x))``, then ReLU if ``relu``: a Conv whose BatchNorm is not folded yet.
+
+    Example::
+
+        ConvBN(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), relu=True)(torch.randn(2, 3, 8, 8))
+    """
+
+    def __init__(self, conv: nn.Module, bn: nn.Module, relu: bool = False) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bn = bn
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return torch.relu(y) if self.relu else y
+
+    def folded(self) -> nn.Module:
+        """The unit with its BatchNorm folded into the conv (in place): the conv, or a
+        ``ConvReLU``/``LinearReLU`` of it."""
+        fold_batchnorm_(self.conv, self.bn)
+        if not self.relu:
+            return self.conv
+        return LinearReLU(self.conv) if isinstance(self.conv, nn.Linear) else ConvReLU(self.conv)
+
+    def extra_repr(self) -> str:
+        return "relu=True" if self.relu else ""
 
 
 @torch.fx.wrap

@@ -3,7 +3,8 @@
 ``fit(objective, model, data, ...)`` trains for ``epochs``: ``objective(inputs, label)``
 returns one batch's loss terms, of which ``"loss"`` is minimised. Adam at ``lr`` decays on a
 cosine over the whole run unless an ``optimizer`` is given; a progress bar shows the loss
-and throughput; ``before_epoch(epoch)`` runs before each epoch and ``callback(epoch, model,
+and throughput; ``before_epoch(epoch)`` runs at the start of each epoch, after the model is put in
+training mode, and ``callback(epoch, model,
 figures)`` after it; with ``validation`` data, the best epoch of ``model`` by ``metric``
 (top-1 accuracy by default) is kept. Training is seeded by ``seed`` without touching the
 caller's random state.
@@ -152,10 +153,10 @@ def fit(
         show = progress and is_main_process()
         bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not show or None)
         for epoch in bar:
-            if before_epoch is not None:
-                before_epoch(epoch)
             model.train()
             objective.train()
+            if before_epoch is not None:  # after train(): it may put modules back in eval
+                before_epoch(epoch)
             figures = _epoch(step, opt, schedule, shard(data, epoch=epoch, seed=seed), inputs, bar)
             average_buffers(model)
             model.eval()

@@ -20,6 +20,7 @@ from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
 from fxcomp.passes.lowering import lower, lower_to_kernels
 from fxcomp.passes.observers import insert_observers, observe
 from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_channels
+from fxcomp.passes.qat import QATOptions, qat, train_quantization_aware
 from fxcomp.passes.quantization import quantize
 from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
 
@@ -27,6 +28,7 @@ __all__ = [
     "BUILTIN",
     "DistillOptions",
     "FuseOptions",
+    "QATOptions",
     "SparsifyOptions",
     "calibrate",
     "cse",
@@ -46,10 +48,12 @@ __all__ = [
     "prune",
     "prune_channels",
     "pruning_plan",
+    "qat",
     "quantize",
     "run_calibration",
     "sparsify",
     "sparsify_weights",
+    "train_quantization_aware",
     "zero_channels",
 ]
 

@@ -4,17 +4,20 @@
 ``Conv(x) -> QuantizedWeightLayer(Conv)(x)`` (weight quantized per output channel) where
 the layer's input is quantized; and after ops that keep their input's grid but round again
 (average pooling, mean) a Q/DQ on that grid, so that the reference rounds where the
-quantized kernels do. An observer that saw no data is an error: calibrate first.
+quantized kernels do. An observer that saw no data is an error: calibrate first. Under
+torchrun, every rank's observer statistics are merged before any is frozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.fx import GraphModule, Node
 
 from fxcomp.context import CompileContext
+from fxcomp.distributed import average_buffers
 from fxcomp.errors import InputError
 from fxcomp.graph import module_of, replace_module
 from fxcomp.pass_manager import Pass, PassResult
@@ -34,11 +37,12 @@ class FreezeOptions:
     per_channel: bool = True
 
 
-def grid_of(gm: GraphModule, node: Node) -> QuantDequant | None:
-    """The Q/DQ step whose grid ``node``'s value lies on, following grid-keeping ops back."""
+def grid_of(gm: GraphModule, node: Node, step: type[torch.nn.Module] = QuantDequant) -> Any:
+    """The Q/DQ step (or another ``step`` type: an observer) whose grid ``node``'s value
+    lies on, following grid-keeping ops back; None for a float value."""
     while True:
         module = module_of(gm, node)
-        if isinstance(module, QuantDequant):
+        if isinstance(module, step):
             return module
         inputs = tensor_inputs(node)
         if node.meta.get("fxcomp_quant") not in ("shared", "requant") or not inputs:
@@ -51,6 +55,7 @@ def freeze_qparams(
 ) -> PassResult:
     """Turn the observed graph into the reference quantized graph (module docstring)."""
     _, weight_scheme = scheme_for(options.engine, per_channel=options.per_channel)
+    average_buffers(gm)  # under torchrun, every rank's observers merged first
     changed = False
     for node in list(gm.graph.nodes):
         module = module_of(gm, node)

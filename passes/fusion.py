@@ -8,6 +8,9 @@ Two rules, applied in graph order:
   when the layer's output is used elsewhere too, when the layer is called from more than
   one place or shares its weight, or when the BatchNorm has no running statistics;
   ``fxcomp dump --explain`` says which.
+* ``train_batchnorm`` (instead of folding, for quantization-aware training): the same
+  Conv and BatchNorm become one ``ConvBN`` unit at the conv's name, whose BatchNorm keeps
+  training until ``qat`` folds it.
 * ``group_relu``: a ReLU (module, function or method) after a Conv or Linear becomes one
   ``ConvReLU``/``LinearReLU`` module at the layer's name, and ``relu(a + b)`` becomes one
   ``add_relu(a, b)`` node, so that quantization treats each as one unit.
@@ -25,13 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcomp.batchnorm import fold_batchnorm_
 from fxcomp.context import CompileContext
-from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu
 from fxcomp.graph import CONVS, module_of, replace_module, target_name
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
 
-__all__ = ["FuseOptions", "fold_batchnorm_", "fuse", "fuse_conv_bn_relu"]
+__all__ = ["FuseOptions", "fuse", "fuse_conv_bn_relu"]
 
 _CONV_FOR_BN = {
     nn.BatchNorm1d: (nn.Conv1d, nn.Linear),
@@ -45,35 +49,12 @@ _ADD_FUNCTIONS = {operator.add, torch.add}
 
 @dataclass(frozen=True)
 class FuseOptions:
-    """Which of the two rewrites ``fuse`` makes."""
+    """Which rewrites ``fuse`` makes; ``train_batchnorm`` groups BatchNorm instead of
+    folding it."""
 
     fold_batchnorm: bool = True
     group_relu: bool = True
-
-
-def fold_batchnorm_(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear, bn: nn.Module) -> None:
-    """Fold an eval-mode ``bn`` into ``layer`` in place, so that ``layer(x)`` is ``bn(layer(x))``.
-
-    The per-channel scale and shift are computed in float64 and applied once in the layer's
-    dtype: one rounding per weight.
-
-    Example::
-
-        fold_batchnorm_(conv, bn)   # conv(x) now equals the old bn(conv(x)) up to rounding
-    """
-    inv_std = torch.rsqrt(bn.running_var.double() + bn.eps)
-    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(inv_std)
-    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(inv_std)
-    scale = gamma * inv_std
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
-    dtype = layer.weight.dtype
-    new_bias = ((bias - bn.running_mean.double()) * scale + beta).to(dtype)
-    with torch.no_grad():
-        layer.weight.mul_(scale.to(dtype).reshape((-1,) + (1,) * (layer.weight.dim() - 1)))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(new_bias, requires_grad=layer.weight.requires_grad)
-        else:
-            layer.bias.copy_(new_bias)
+    train_batchnorm: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,7 +96,8 @@ def _single_caller(gm: GraphModule, producer: Node, sharing: _Sharing) -> NoMatc
         )
     if id(layer) in sharing.modules:
         return NoMatch(f"module '{producer.target}' is also registered under another name")
-    if id(layer.weight) in sharing.weights:
+    inner = layer.conv if isinstance(layer, ConvBN) else layer
+    if id(inner.weight) in sharing.weights:
         return NoMatch(f"the weight of '{producer.target}' is shared with another layer")
     return None
 
@@ -156,6 +138,15 @@ def _rewrite_batchnorm(gm: GraphModule, found: tuple[Node, Node]) -> list[Node]:
     return [producer]
 
 
+def _group_batchnorm(gm: GraphModule, found: tuple[Node, Node]) -> list[Node]:
+    producer, node = found
+    conv, bn = gm.get_submodule(str(producer.target)), gm.get_submodule(str(node.target))
+    replace_module(gm, str(producer.target), ConvBN(conv, bn))
+    node.replace_all_uses_with(producer)
+    gm.graph.erase_node(node)
+    return [producer]
+
+
 def _is_relu(gm: GraphModule, node: Node) -> bool:
     if node.op == "call_module":
         return type(module_of(gm, node)) is nn.ReLU
@@ -178,7 +169,9 @@ def _match_relu(sharing: _Sharing, gm: GraphModule, node: Node) -> Node | NoMatc
     layer = module_of(gm, producer)
     if type(layer) in _CONV_FOR_BN:
         return NoMatch(f"input is BatchNorm '{producer.name}', which was not folded")
-    if type(layer) not in (*CONVS, nn.Linear) and not _is_add(producer):
+    if isinstance(layer, ConvBN) and layer.relu:
+        return NoMatch(f"'{producer.name}' already ends in a ReLU")
+    if type(layer) not in (*CONVS, nn.Linear, ConvBN) and not _is_add(producer):
         return NoMatch(
             f"input comes from '{producer.name}' ({target_name(gm, producer)}), "
             "not a Conv, Linear or tensor add"
@@ -189,9 +182,12 @@ def _match_relu(sharing: _Sharing, gm: GraphModule, node: Node) -> Node | NoMatc
 def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
     relu = next(iter(producer.users))
     layer = module_of(gm, producer)
-    if layer is not None:
+    if isinstance(layer, ConvBN):
+        layer.relu = True
+    elif layer is not None:
         fused = LinearReLU(layer) if isinstance(layer, nn.Linear) else ConvReLU(layer)
         replace_module(gm, str(producer.target), fused)
+    if layer is not None:
         relu.replace_all_uses_with(producer)
         gm.graph.erase_node(relu)
         return [producer]
@@ -207,8 +203,10 @@ def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
 def _rules(gm: GraphModule, options: FuseOptions) -> list[Rule]:
     sharing = _Sharing.of(gm)
     rules = []
-    if options.fold_batchnorm:
-        match = functools.partial(_match_batchnorm, sharing)
+    match = functools.partial(_match_batchnorm, sharing)
+    if options.train_batchnorm:
+        rules.append(Rule("train_batchnorm", _is_batchnorm, match, _group_batchnorm))
+    elif options.fold_batchnorm:
         rules.append(Rule("fold_batchnorm", _is_batchnorm, match, _rewrite_batchnorm))
     if options.group_relu:
         rules.append(
@@ -227,14 +225,17 @@ def fuse_conv_bn_relu(
     return PassResult(gm, modified=count > 0)
 
 
-def fuse(*, fold_batchnorm: bool = True, group_relu: bool = True) -> Pass:
-    """Fold BatchNorm into the preceding Conv/Linear and group conv/linear/add with ReLU.
+def fuse(
+    *, fold_batchnorm: bool = True, group_relu: bool = True, train_batchnorm: bool = False
+) -> Pass:
+    """Fold BatchNorm into the preceding Conv/Linear and group conv/linear/add with ReLU;
+    with ``train_batchnorm``, group Conv and BatchNorm as one ``ConvBN`` unit instead.
 
     Example::
 
         fxcomp.compile(model, x, passes=[fxcomp.passes.fuse()])
     """
-    options = FuseOptions(fold_batchnorm=fold_batchnorm, group_relu=group_relu)
+    options = FuseOptions(fold_batchnorm, group_relu, train_batchnorm)
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return fuse_conv_bn_relu(gm, ctx, options=options)

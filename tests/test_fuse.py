@@ -12,7 +12,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.fused import ConvReLU, LinearReLU, add_relu
+from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu
 from fxcomp.passes import fuse
 from tests.conftest import randomize_batchnorm, relative_error
 
@@ -201,3 +201,21 @@ def test_relu_after_other_ops_says_why(image):
     assert not result.report.find("fuse").modified
     (note,) = result.report.notes
     assert note.rule == "group_relu" and "not a Conv, Linear or tensor add" in note.reason
+
+
+def test_train_batchnorm_groups_conv_bn_relu_and_folds_later(residual_net, image, ctx):
+    randomize_batchnorm(residual_net)
+    gm = run_fuse(residual_net, image, train_batchnorm=True).module
+    units = {name: m for name, m in gm.named_modules() if type(m) is ConvBN}
+    assert set(units) == {"stem", "conv", "fc"}  # fc: a Linear with a BatchNorm1d
+    assert units["stem"].relu and units["fc"].relu and not units["conv"].relu
+    assert isinstance(units["stem"].bn, nn.BatchNorm2d)
+    assert relative_error(gm(image), residual_net(image)) < TOLERANCE
+    result, records = PassManager([fuse(train_batchnorm=True)]).run(gm, ctx)
+    assert not records[0].modified
+    x = torch.randn(2, 3, 16, 16)
+    expected = F.relu(residual_net.stem_bn(residual_net.stem(x)))
+    folded = units["stem"].folded()
+    assert isinstance(folded, ConvReLU) and folded.conv is units["stem"].conv
+    assert relative_error(folded(x), expected) < TOLERANCE
+    assert isinstance(units["fc"].folded(), LinearReLU)

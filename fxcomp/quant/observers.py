@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxcomp.distributed import all_reduce_
 from fxcomp.quant.scheme import QScheme
 
 __all__ = [
@@ -49,6 +50,10 @@ class Observer(nn.Module):
     def record(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def all_reduce_(self) -> None:
+        """Merge every rank's statistics (under torchrun), so that all ranks freeze alike."""
+        all_reduce_(self.batches, "max")
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (lo, hi) range the grid must cover."""
         raise NotImplementedError
@@ -72,6 +77,11 @@ class MinMaxObserver(Observer):
         self.lo = torch.minimum(self.lo, lo)
         self.hi = torch.maximum(self.hi, hi)
 
+    def all_reduce_(self) -> None:
+        super().all_reduce_()
+        all_reduce_(self.lo, "min")
+        all_reduce_(self.hi, "max")
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lo, self.hi
 
@@ -91,6 +101,11 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
             c = self.averaging_constant
             self.lo = self.lo + c * (lo - self.lo)
             self.hi = self.hi + c * (hi - self.hi)
+
+    def all_reduce_(self) -> None:
+        all_reduce_(self.batches, "max")
+        all_reduce_(self.lo, "mean")
+        all_reduce_(self.hi, "mean")
 
 
 class HistogramObserver(Observer):
@@ -113,6 +128,16 @@ class HistogramObserver(Observer):
             self.histogram = self._rebin(new_lo, new_hi)
         self.lo, self.hi = new_lo, new_hi
         self.histogram += torch.histc(x, self.bins, float(new_lo), float(new_hi)).double()
+
+    def all_reduce_(self) -> None:
+        """Every rank's histogram re-binned onto the common range, then averaged."""
+        seen = bool(self.batches)
+        all_reduce_(self.batches, "max")
+        lo, hi = all_reduce_(self.lo.clone(), "min"), all_reduce_(self.hi.clone(), "max")
+        if seen and (lo < self.lo or hi > self.hi):
+            self.histogram = self._rebin(lo, hi)
+        self.lo, self.hi = lo, hi
+        all_reduce_(self.histogram, "mean")
 
     def _rebin(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         width = (self.hi - self.lo) / self.bins

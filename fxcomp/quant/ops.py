@@ -1,6 +1,7 @@
 """How each graph node takes part in quantization: one table, shared by every quantize pass.
 
-* ``weighted``: Conv/Linear (fused with ReLU or not): weight quantized, own output grid.
+* ``weighted``: Conv/Linear (fused with ReLU, or with a BatchNorm that still trains, or
+  not): weight quantized, own output grid.
 * ``binary``, ``cat``, ``hardswish``: quantized kernels with their own output grid.
 * ``fixed``: sigmoid and hardsigmoid, whose quantized kernels output a fixed grid.
 * ``shared``: ops that run on quantized tensors exactly and keep the input's grid (max
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.fused import ConvReLU, LinearReLU, add_relu, weighted_layer
+from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
 __all__ = ["KINDS", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
 
@@ -34,7 +35,7 @@ _QUERY_METHODS = {"size", "dim", "numel"}
 _QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 SkipSpec = str | type[nn.Module]
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ConvReLU, LinearReLU)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, ConvReLU, LinearReLU, ConvBN)
 _MODULES = {
     "hardswish": (nn.Hardswish,),
     "fixed": (nn.Sigmoid, nn.Hardsigmoid),
@@ -149,7 +150,7 @@ def _is_tensor(node: Node) -> bool:
 def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
     module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     # a type matches a fused unit through the layer inside it
-    layers = [module, weighted_layer(module)]
+    layers = [module, module.conv if isinstance(module, ConvBN) else weighted_layer(module)]
     for spec in skip:
         if isinstance(spec, type) and any(isinstance(m, spec) for m in layers if m is not None):
             return True

@@ -21,7 +21,7 @@ from torch import nn
 from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
 from fxcomp.quant.scheme import QScheme
 
-__all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize"]
+__all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize", "weight_qparams"]
 
 _ONNX_TYPES = {torch.quint8: 2, torch.qint8: 3}  # TensorProto.UINT8, TensorProto.INT8
 
@@ -77,6 +77,20 @@ def fake_quantize(
     )
 
 
+def weight_qparams(weight: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of a weight from its range: per output channel (axis 0) when
+    ``scheme.per_channel``, else per tensor.
+
+    Example::
+
+        scale, zero_point = weight_qparams(conv.weight.detach(), weight_scheme)
+    """
+    if scheme.per_channel:
+        flat = weight.reshape(weight.shape[0], -1)
+        return scheme.qparams(flat.amin(1), flat.amax(1))
+    return scheme.qparams(weight.min(), weight.max())
+
+
 class QuantDequant(FusedModule):
     """A fixed quantize->dequantize step on an activation edge.
 
@@ -128,13 +142,7 @@ class QuantizedWeightLayer(FusedModule):
         self.layer = layer
         self.scheme = scheme
         self.relu = isinstance(layer, (ConvReLU, LinearReLU))
-        weight = inner.weight.detach()
-        if scheme.per_channel:
-            flat = weight.reshape(weight.shape[0], -1)
-            lo, hi = flat.amin(1), flat.amax(1)
-        else:
-            lo, hi = weight.min(), weight.max()
-        scale, zero_point = scheme.qparams(lo, hi)
+        scale, zero_point = weight_qparams(inner.weight.detach(), scheme)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight_zero_point", zero_point.to(torch.int32))
 
