@@ -211,7 +211,7 @@ def test_train_batchnorm_groups_conv_bn_relu_and_folds_later(residual_net, image
     assert units["stem"].relu and units["fc"].relu and not units["conv"].relu
     assert isinstance(units["stem"].bn, nn.BatchNorm2d)
     assert relative_error(gm(image), residual_net(image)) < TOLERANCE
-    result, records = PassManager([fuse(train_batchnorm=True)]).run(gm, ctx)
+    _, records = PassManager([fuse(train_batchnorm=True)]).run(gm, ctx)
     assert not records[0].modified
     x = torch.randn(2, 3, 16, 16)
     expected = F.relu(residual_net.stem_bn(residual_net.stem(x)))
