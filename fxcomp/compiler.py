@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from fxcomp.atomic import write_atomic
 from fxcomp.backends import BACKENDS
 from fxcomp.context import AfterPassHook, BeforePassHook, CompileContext
+from fxcomp.distributed import is_main_process
 from fxcomp.errors import BackendError, InputError
 from fxcomp.figures import png_bytes
 from fxcomp.graph import node_counts, state_size
@@ -60,7 +61,9 @@ def compile(
     """Trace a deep copy of ``model``, run ``passes`` in order, and report each step.
 
     The caller's model is never changed. With ``output_dir``, ``report.json`` is written
-    there atomically once every pass has succeeded. ``backend_options`` go to the backend
+    there atomically once every pass has succeeded. Under ``torchrun`` every rank runs the
+    passes (training passes share the work) and rank 0 alone emits and writes; the other
+    ranks return the compiled module with ``artifact=None``. ``backend_options`` go to the backend
     (``onnx``: ``opset``, ``dynamic_batch``, ``fp16_weights``).
 
     Example::
@@ -113,6 +116,8 @@ def compile(
     result, records = manager.run(gm, ctx)
     ctx.report.records = [traced, *records]
     artifact = None
+    if not is_main_process():  # under torchrun, rank 0 alone writes files
+        return CompileResult(result.graph_module, None, ctx.report)
     if backend is not None:
         options = dict(backend_options or {})
         artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir), **options)

@@ -140,9 +140,9 @@ def fit(
         params = [p for p in objective.parameters() if p.requires_grad]
         if not params:
             raise InputError(f"{desc}: the graph has no trainable parameters")
-        step = (
-            DistributedDataParallel(objective, broadcast_buffers=False) if size > 1 else objective
-        )
+        step = objective  # buffers are averaged once per epoch, not synced at every forward
+        if size > 1:
+            step = DistributedDataParallel(objective, forward_sync_buffers=False)
         opt = optimizer(params) if optimizer else torch.optim.Adam(params, lr)
         per_epoch = _sized(shard(data, epoch=0, seed=seed))
         schedule = None
