@@ -317,14 +317,29 @@ def _trtexec(path: Path, shape: tuple[int, ...], engine: str, quantized: bool) -
 )
 @_engine_option
 @_observer_option
-def demo(output_dir: Path, engine: str, observer: str) -> None:
-    """Train a CNN on real handwritten digits, quantize it to INT8, compare with float."""
+@click.option(
+    "--qat",
+    "qat_epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="quantization-aware training for this many epochs instead of calibration",
+)
+def demo(output_dir: Path, engine: str, observer: str, qat_epochs: int | None) -> None:
+    """Train a CNN on real handwritten digits; fuse, prune, distil and quantize it to INT8,
+    and compare every step."""
     from fxcomp.demo import run_demo
 
-    rows = run_demo(output_dir, engine=engine, observer=observer)
-    headers = ["model", "test accuracy %", "size KiB", "batch 1 ms", "test set ms"]
+    rows = run_demo(output_dir, engine=engine, observer=observer, qat_epochs=qat_epochs)
+    headers = ["step", "test accuracy %", "parameters", "size KiB", "batch 1 ms", "test set ms"]
     body = [
-        [r.model, f"{r.accuracy:.2f}", f"{r.kib:.1f}", f"{r.batch1_ms:.3f}", f"{r.test_set_ms:.2f}"]
+        [
+            r.step,
+            f"{r.accuracy:.2f}",
+            r.parameters,
+            f"{r.kib:.1f}",
+            f"{r.batch1_ms:.3f}",
+            f"{r.test_set_ms:.2f}",
+        ]
         for r in rows
     ]
     click.echo(tabulate(body, headers=headers))

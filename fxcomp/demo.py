@@ -1,9 +1,11 @@
-"""The main job on a built-in default: train a CNN on real digits, compress it, compare.
+"""The main job on a built-in default: train a CNN on real digits, compress it step by step.
 
-Trains ``DigitsNet`` on scikit-learn's handwritten digits (seconds on a CPU), compiles it
-with ``fuse`` and INT8 ``quantize`` to a TorchScript file, and measures the float model and
-the INT8 artifact side by side: test accuracy, serialized size, and latency (interleaved,
-medians) at batch 1 and on the whole test set.
+Trains ``DigitsNet`` on scikit-learn's handwritten digits (seconds on a CPU), then compiles
+it with one pipeline: ``fuse``, ``prune(0.5)``, ``distill`` from the trained model, and INT8
+``quantize`` (or ``qat``, quantization-aware training, with ``qat=True``) to a TorchScript
+file. The graph after each step is kept (an ``after_pass`` hook) and every step is measured
+side by side as deployed, frozen TorchScript: test accuracy, parameters, serialized size,
+and latency (interleaved, medians) at batch 1 and on the whole test set.
 
 Example::
 
@@ -12,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import io
 import statistics
 import time
@@ -19,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fxcomp.backends import torchscript
 from fxcomp.compiler import compile
 from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.passes import fuse, quantize
+from fxcomp.passes import distill, fuse, prune, qat, quantize
 from fxcomp.quant.scheme import deprecated_apis
 
 __all__ = ["DemoRow", "run_demo"]
@@ -31,10 +35,11 @@ __all__ = ["DemoRow", "run_demo"]
 
 @dataclass(frozen=True)
 class DemoRow:
-    """One model's figures."""
+    """One step's figures, measured on its TorchScript form."""
 
-    model: str
+    step: str
     accuracy: float
+    parameters: int
     kib: float
     batch1_ms: float
     test_set_ms: float
@@ -52,42 +57,78 @@ def _latency(models: dict, inputs: list[torch.Tensor], rounds: int) -> dict[str,
     return {name: [statistics.median(t) for t in per] for name, per in times.items()}
 
 
+def _frozen(model: nn.Module, x: torch.Tensor) -> tuple[torch.jit.ScriptModule, int]:
+    """A float model as frozen TorchScript, loaded back, and its size in bytes."""
+    buffer = io.BytesIO()
+    with deprecated_apis():
+        torch.jit.save(torchscript.script(model, (x,), "x86"), buffer)
+        return torch.jit.load(io.BytesIO(buffer.getvalue())), len(buffer.getvalue())
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def run_demo(
     output_dir: Path,
     *,
     engine: str = "x86",
     observer: str = "mse",
+    qat_epochs: int | None = None,
+    width: int = 32,
+    ratio: float = 0.5,
+    distill_epochs: int = 4,
     rounds: int = 50,
     progress: bool = True,
 ) -> list[DemoRow]:
-    """Train, quantize, emit and measure; the INT8 TorchScript lands in ``output_dir``."""
+    """Train, prune, distil, quantize (or QAT with ``qat_epochs``), emit and measure; the
+    INT8 TorchScript lands in ``output_dir``."""
     data = load_digits_split()
     torch.manual_seed(0)
-    model = train(DigitsNet(), data, progress=progress)
-    calibration = [x for x, _ in data.batches()]
+    model = train(DigitsNet(width), data, progress=progress)
+    batches = data.batches(64)
+    if qat_epochs is None:
+        calibration = [x for x, _ in batches]
+        last = quantize(calibration, engine=engine, observer=observer, progress=progress)
+        int8_step = f"INT8 {engine} ({observer} PTQ)"
+    else:
+        last = qat(batches, epochs=qat_epochs, lr=1e-3, engine=engine, progress=progress)
+        int8_step = f"INT8 {engine} (QAT, {qat_epochs} epochs)"
+    kept: dict[str, nn.Module] = {}
+
+    def keep(record, gm, ctx) -> None:
+        if record.path in ("prune", "distill"):
+            kept[record.path] = copy.deepcopy(gm)
+
+    student = distill(model, batches, epochs=distill_epochs, lr=1e-2, alpha=0.5, progress=progress)
     result = compile(
         model,
         data.test_x[:1],
-        passes=[fuse(), quantize(calibration, engine=engine, observer=observer, progress=progress)],
+        passes=[fuse(), prune(ratio), student, last],
         backend="torchscript",
         output_dir=output_dir,
+        after_pass=[keep],
     )
-    int8 = torchscript.load(result.artifact.path)
-    float_ts = io.BytesIO()
-    with deprecated_apis():
-        torch.jit.save(torch.jit.trace(model, data.test_x[:1]), float_ts)
-    ms = _latency({"float": model, "int8": int8}, [data.test_x[:1], data.test_x], rounds)
+    steps = {
+        "float": model,
+        f"pruned {ratio:.0%}": kept["prune"],
+        f"distilled ({distill_epochs} epochs)": kept["distill"],
+    }
+    deployed, sizes, parameters = {}, {}, {}
+    for name, module in steps.items():
+        deployed[name], sizes[name] = _frozen(module, data.test_x[:1])
+        parameters[name] = _parameters(module)
+    deployed[int8_step] = torchscript.load(result.artifact.path)
+    sizes[int8_step] = result.artifact.path.stat().st_size
+    parameters[int8_step] = parameters[f"distilled ({distill_epochs} epochs)"]
+    ms = _latency(deployed, [data.test_x[:1], data.test_x], rounds)
     return [
         DemoRow(
-            "float (eager)",
-            accuracy(model, data.test_x, data.test_y),
-            len(float_ts.getvalue()) / 1024,
-            *ms["float"],
-        ),
-        DemoRow(
-            f"INT8 {engine} ({observer})",
-            accuracy(int8, data.test_x, data.test_y),
-            result.artifact.path.stat().st_size / 1024,
-            *ms["int8"],
-        ),
+            name,
+            accuracy(module, data.test_x, data.test_y),
+            parameters[name],
+            sizes[name] / 1024,
+            *ms[name],
+        )
+        for name, module in deployed.items()
     ]

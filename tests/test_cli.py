@@ -232,13 +232,29 @@ def test_compile_with_image_folder_and_bad_calibration(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _demo_table(stdout: str) -> dict[str, list]:
+    """The demo's rows by step: accuracy, parameters, size KiB, batch-1 ms, test-set ms."""
+    lines = stdout.splitlines()
+    rows = {}
+    for line in lines[2 : lines.index("")]:
+        *words, acc, params, kib, ms1, ms_all = line.split()
+        rows[" ".join(words)] = [float(acc), int(params), float(kib), float(ms1), float(ms_all)]
+    return rows
+
+
 @pytest.mark.slow
-def test_demo_is_the_main_job(tmp_path):
-    run = fxcomp("demo", "-o", str(tmp_path / "demo"))
+@pytest.mark.parametrize("options", [[], ["--qat", "2"]], ids=["ptq", "qat"])
+def test_demo_is_the_main_job(tmp_path, options):
+    run = fxcomp("demo", "-o", str(tmp_path / "demo"), *options)
     assert run.returncode == 0, run.stderr
-    rows = {line.split("  ")[0]: line.split() for line in run.stdout.splitlines()[2:4]}
-    float_row = next(v for k, v in rows.items() if k.startswith("float"))
-    int8_row = next(v for k, v in rows.items() if k.startswith("INT8"))
-    float_acc, int8_acc = float(float_row[2]), float(int8_row[3])
-    assert float_acc > 95 and int8_acc >= float_acc - 0.5
+    rows = _demo_table(run.stdout)
+    int8 = "INT8 x86 (QAT, 2 epochs)" if options else "INT8 x86 (mse PTQ)"
+    assert list(rows) == ["float", "pruned 50%", "distilled (4 epochs)", int8]
+    floating, pruned, distilled, quantized = rows.values()
+    assert floating[0] > 97
+    assert pruned[0] < floating[0] - 20  # pruning alone costs accuracy...
+    assert distilled[0] >= floating[0] - 1.0  # ...that distillation wins back
+    assert quantized[0] >= distilled[0] - 0.5
+    assert pruned[1] == distilled[1] == quantized[1] < 0.3 * floating[1]
+    assert distilled[2] < 0.35 * floating[2] and quantized[2] < 0.6 * distilled[2]  # KiB
     assert (tmp_path / "demo" / "model.pt").exists()
