@@ -9,6 +9,7 @@ Example::
 """
 
 from fxcomp import passes
+from fxcomp.analysis import Analysis, analyze
 from fxcomp.bundle import Bundle, load_bundle
 from fxcomp.compiler import CompileResult, compile
 from fxcomp.context import CompileContext
@@ -29,6 +30,7 @@ from fxcomp.serialize import load, save
 from fxcomp.trace import trace
 
 __all__ = [
+    "Analysis",
     "BackendError",
     "Bundle",
     "CompileContext",
@@ -46,6 +48,7 @@ __all__ = [
     "TraceError",
     "UnsupportedGraphError",
     "VerificationError",
+    "analyze",
     "compile",
     "load",
     "load_bundle",

@@ -11,10 +11,9 @@ torchrun, every rank's observer statistics are merged before any is frozen.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from fxcomp.context import CompileContext
 from fxcomp.distributed import average_buffers
@@ -23,10 +22,10 @@ from fxcomp.graph import module_of, replace_module
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.ops import tensor_inputs
-from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
+from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer, grid_of
 from fxcomp.quant.scheme import scheme_for
 
-__all__ = ["FreezeOptions", "freeze", "freeze_qparams", "grid_of"]
+__all__ = ["FreezeOptions", "freeze", "freeze_qparams"]
 
 
 @dataclass(frozen=True)
@@ -35,19 +34,6 @@ class FreezeOptions:
 
     engine: str = "x86"
     per_channel: bool = True
-
-
-def grid_of(gm: GraphModule, node: Node, step: type[torch.nn.Module] = QuantDequant) -> Any:
-    """The Q/DQ step (or another ``step`` type: an observer) whose grid ``node``'s value
-    lies on, following grid-keeping ops back; None for a float value."""
-    while True:
-        module = module_of(gm, node)
-        if isinstance(module, step):
-            return module
-        inputs = tensor_inputs(node)
-        if node.meta.get("fxcomp_quant") not in ("shared", "requant") or not inputs:
-            return None
-        node = inputs[0]
 
 
 def freeze_qparams(

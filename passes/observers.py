@@ -25,7 +25,10 @@ from fxcomp.quant.ops import SkipSpec, is_clamp, kind_of, tensor_inputs
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 
-__all__ = ["ObserverOptions", "insert_observers", "observe"]
+__all__ = ["FLOAT_LAYERS", "ObserverOptions", "insert_observers", "observe"]
+
+# Layers that mixed precision chose to keep in float, skipped as ``skip`` names are.
+FLOAT_LAYERS = "fxcomp_float_layers"
 
 _OWN_GRID = ("weighted", "binary", "cat", "hardswish", "fixed")
 # Quantized sigmoid/hardsigmoid kernels output this grid on uint8 engines.
@@ -42,6 +45,7 @@ class ObserverOptions:
     per_channel: bool = True
     reduce_range: bool | None = None
     observer_args: dict = field(default_factory=dict)
+    only_nodes: frozenset[str] | None = None  # of the ops with own grids, only these
 
 
 def _insert_after(gm: GraphModule, node: Node, name: str, module: torch.nn.Module, ctx) -> Node:
@@ -69,6 +73,7 @@ def insert_observers(
         options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
     )
     make = OBSERVERS[options.observer]
+    skip = (*options.skip, *gm.meta.get(FLOAT_LAYERS, ()))
     qdq = options.engine not in KERNEL_ENGINES  # exported as Q/DQ pairs (ONNX)
     # Observers from an earlier run already make their edges quantized.
     quantized = {n for n in gm.graph.nodes if n.meta.get("fxcomp_quant") == "observer"}
@@ -89,7 +94,9 @@ def insert_observers(
     for node in list(gm.graph.nodes):
         if node in quantized:
             continue
-        kind = kind_of(gm, node, options.skip)
+        kind = kind_of(gm, node, skip)
+        if options.only_nodes is not None and node.name not in options.only_nodes:
+            kind = "float" if kind in _OWN_GRID else kind  # grid-keeping ops follow inputs
         node.meta["fxcomp_quant"] = kind
         inputs = tensor_inputs(node)
         users = list(node.users)

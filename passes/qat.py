@@ -34,13 +34,14 @@ from fxcomp.fused import ConvBN
 from fxcomp.graph import module_of, replace_module
 from fxcomp.pass_manager import Pass, PassResult, Pipeline
 from fxcomp.passes.distillation import DistillObjective, DistillOptions, report_rows
-from fxcomp.passes.freezing import freeze, grid_of
+from fxcomp.passes.freezing import freeze
 from fxcomp.passes.fusion import FuseOptions, fuse_conv_bn_relu
 from fxcomp.passes.lowering import lower as lower_pass
 from fxcomp.passes.observers import observe
 from fxcomp.quant.fake_quant import FakeQuantize, QATWeight, SharedGrid
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.ops import SkipSpec, tensor_inputs
+from fxcomp.quant.reference import grid_of
 from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 from fxcomp.trace import trace
 from fxcomp.training import Callback, Metric, OptimizerFactory, fit, top1_accuracy

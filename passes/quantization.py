@@ -12,9 +12,10 @@ from typing import Any
 
 from fxcomp.pass_manager import Pipeline
 from fxcomp.passes.calibration import calibrate
-from fxcomp.passes.freezing import freeze
+from fxcomp.passes.freezing import FreezeOptions, freeze
 from fxcomp.passes.lowering import lower as lower_pass
-from fxcomp.passes.observers import observe
+from fxcomp.passes.mixed_precision import EvalFn, PrecisionOptions, choose_precision
+from fxcomp.passes.observers import ObserverOptions, observe
 from fxcomp.quant.ops import SkipSpec
 from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 
@@ -31,6 +32,9 @@ def quantize(
     reduce_range: bool | None = None,
     lower: bool | None = None,
     progress: bool = True,
+    target_sqnr: float | None = None,
+    max_accuracy_drop: float | None = None,
+    eval_fn: EvalFn | None = None,
 ) -> Pipeline:
     """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``
     (by default the ``calibration_data`` given to ``fxcomp.compile``).
@@ -38,6 +42,9 @@ def quantize(
     ``observer`` is ``mse`` (the default: L2 range search on a histogram), ``histogram``
     (percentile clipping), ``minmax`` or ``moving_average``; ``skip`` keeps
     layers in float by qualified module name, module type or op name ("add", "cat").
+    ``target_sqnr`` (dB of the output against float on the calibration data) or
+    ``max_accuracy_drop`` (points of ``eval_fn(model)``) turns on mixed precision: the
+    layers that hurt most stay float until the target is met (``choose_precision``).
 
     Example::
 
@@ -46,7 +53,13 @@ def quantize(
     scheme_for(engine)  # validates the engine name before any work
     if lower is None:
         lower = engine in KERNEL_ENGINES
-    steps = [
+    observers = ObserverOptions(engine, observer, tuple(skip), per_channel, reduce_range)
+    freezing = FreezeOptions(engine, per_channel)
+    steps = []
+    if target_sqnr is not None or max_accuracy_drop is not None or eval_fn is not None:
+        precision = PrecisionOptions(target_sqnr, max_accuracy_drop, eval_fn)
+        steps.append(choose_precision(calibration_data, precision, observers, freezing))
+    steps += [
         observe(
             engine=engine,
             observer=observer,

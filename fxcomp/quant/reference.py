@@ -14,14 +14,19 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx import GraphModule, Node
 
 from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
+from fxcomp.graph import module_of
+from fxcomp.quant.ops import tensor_inputs
 from fxcomp.quant.scheme import QScheme
 
-__all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize", "weight_qparams"]
+__all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize", "grid_of", "weight_qparams"]
 
 _ONNX_TYPES = {torch.quint8: 2, torch.qint8: 3}  # TensorProto.UINT8, TensorProto.INT8
 
@@ -117,6 +122,11 @@ class QuantDequant(FusedModule):
             )
         return fake_quantize(x, self.scale, self.zero_point, self.scheme)
 
+    def bounds(self) -> tuple[float, float]:
+        """The smallest and largest values the grid holds; values beyond are clipped."""
+        scale, zero_point = float(self.scale), int(self.zero_point)
+        return scale * (self.scheme.qmin - zero_point), scale * (self.scheme.qmax - zero_point)
+
     def extra_repr(self) -> str:
         scale, zero_point = float(self.scale), int(self.zero_point)
         return f"scale={scale:.6g}, zero_point={zero_point}, dtype={self.scheme.dtype}"
@@ -184,3 +194,16 @@ class QuantizedWeightLayer(FusedModule):
         else:
             y = inner._conv_forward(x, weight, inner.bias)
         return torch.relu(y) if self.relu else y
+
+
+def grid_of(gm: GraphModule, node: Node, step: type[nn.Module] = QuantDequant) -> Any:
+    """The Q/DQ step (or another ``step`` type: an observer) whose grid ``node``'s value
+    lies on, following grid-keeping ops back; None for a float value."""
+    while True:
+        module = module_of(gm, node)
+        if isinstance(module, step):
+            return module
+        inputs = tensor_inputs(node)
+        if node.meta.get("fxcomp_quant") not in ("shared", "requant") or not inputs:
+            return None
+        node = inputs[0]
