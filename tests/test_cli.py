@@ -258,3 +258,26 @@ def test_demo_is_the_main_job(tmp_path, options):
     assert pruned[1] == distilled[1] == quantized[1] < 0.3 * floating[1]
     assert distilled[2] < 0.35 * floating[2] and quantized[2] < 0.6 * distilled[2]  # KiB
     assert (tmp_path / "demo" / "model.pt").exists()
+
+
+def test_analyze_ranks_layers_and_writes_json_and_a_picture(tmp_path):
+    run = fxcomp(
+        "analyze",
+        "torchvision:resnet18",
+        "--input-shape",
+        "1,3,64,64",
+        "--calib-batches",
+        "2",
+        "-o",
+        str(tmp_path / "a"),
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("model SQNR") and "SQNR alone dB" in lines[1]
+    saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    names = [layer["name"] for layer in saved["layers"]]
+    assert len(names) == 21 and "fc" in names and "conv1" in names  # 20 convs and the fc
+    assert lines[3].split()[0] == names[0]
+    alone = [layer["sqnr_alone"] for layer in saved["layers"]]
+    assert alone == sorted(alone)
+    assert (tmp_path / "a" / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
