@@ -103,6 +103,7 @@ class Analysis:
     model_sqnr: float
     layers: list[LayerAnalysis] = field(default_factory=list)
     graph_order: list[str] = field(default_factory=list)
+    reference: GraphModule | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (infinities as None)."""
@@ -152,6 +153,11 @@ class Analysis:
         ]
         return f"model SQNR {self.model_sqnr:.1f} dB\n" + tabulate(rows, headers=headers)
 
+    def histogram_figure(self, count: int = 3) -> Figure:
+        """Weight histograms, float and on the INT8 grid, of the ``count`` most harmed
+        layers."""
+        return _weight_histograms(self, count)
+
     def figure(self) -> Figure:
         """Bars of each layer's SQNR alone and with all but it quantized, in graph order."""
         layers = sorted(self.layers, key=lambda layer: self.graph_order.index(layer.name))
@@ -176,6 +182,22 @@ class Analysis:
         axes.set_title(f"Per-layer quantization error ({self.engine}, {self.observer})")
         axes.legend(fontsize=7)
         return figure
+
+
+def _weight_histograms(analysis: Analysis, count: int) -> Figure:
+    layers = analysis.layers[:count]
+    figure = Figure(figsize=(4.0 * len(layers), 3.2))
+    for axes, layer in zip(figure.subplots(1, len(layers), squeeze=False)[0], layers, strict=True):
+        unit = analysis.reference.get_submodule(layer.name)
+        weight = unit.weighted.weight.detach()
+        rounded = fake_quantize(weight, unit.weight_scale, unit.weight_zero_point, unit.scheme)
+        axes.hist(weight.flatten().numpy(), bins=120, alpha=0.6, label="float")
+        axes.hist(rounded.flatten().numpy(), bins=120, alpha=0.6, label="INT8 grid")
+        axes.set_yscale("log")
+        axes.set_title(f"{layer.name}: alone {layer.sqnr_alone:.1f} dB", fontsize=9)
+        axes.legend(fontsize=7)
+    figure.suptitle("Weights of the most harmed layers, before and after quantization")
+    return figure
 
 
 def _range_columns(stats: TensorStats) -> list[str]:
@@ -306,7 +328,7 @@ def measure_layers(
         )
     order = [layer.name for layer in layers]
     layers.sort(key=lambda la: la.sqnr_alone)
-    return Analysis(observers.engine, observers.observer, model_sqnr, layers, order)
+    return Analysis(observers.engine, observers.observer, model_sqnr, layers, order, full)
 
 
 def _output_grid(gm: GraphModule, node: Node) -> QuantDequant | None:

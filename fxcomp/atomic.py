@@ -21,6 +21,12 @@ __all__ = ["write_atomic"]
 T = TypeVar("T")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(
     path: Path, data: str | bytes, check: Callable[[Path], T] | None = None
 ) -> T | None:
@@ -45,6 +51,7 @@ def write_atomic(
             f.flush()
             os.fsync(f.fileno())
         result = check(tmp) if check is not None else None
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

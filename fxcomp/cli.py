@@ -184,6 +184,18 @@ _observer_option = click.option(
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="mobile: a text file with one class label per line.",
 )
+@click.option(
+    "--analyze",
+    "with_analysis",
+    is_flag=True,
+    help="Add the per-layer quantization analysis (on the calibration data) to the report.",
+)
+@click.option(
+    "--latency-rounds",
+    default=20,
+    show_default=True,
+    help="Time the artifact against the float model this many rounds (0: do not).",
+)
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
 def compile_command(
@@ -204,10 +216,13 @@ def compile_command(
     mean: str | None,
     std: str | None,
     labels: Path | None,
+    with_analysis: bool,
+    latency_rounds: int,
     output_dir: Path,
     leaves: tuple[str, ...],
 ) -> None:
-    """Compile MODEL with --passes and write a --backend artifact to -o DIR."""
+    """Compile MODEL with --passes and write a --backend artifact, report.json and
+    report.html to -o DIR."""
     from fxcomp.calibration_data import calibration_batches
     from fxcomp.graph import state_size
 
@@ -249,8 +264,11 @@ def compile_command(
         backend,
         output_dir,
         leaf_modules=leaves,
+        calibration_data=data,
         engine=engine,
         backend_options=options,
+        analyze=with_analysis,
+        latency_rounds=latency_rounds,
     )
     click.echo(str(result.report))
     for name in result.report.tables:
@@ -268,6 +286,9 @@ def compile_command(
         ],
         *[[key, f"{value:.4g}"] for key, value in artifact.parity.items()],
     ]
+    for name, value in (result.report.artifacts[0].get("latency_ms") or {}).items():
+        rows.append([f"latency {name}", f"{value:.3f} ms (median of {latency_rounds})"])
+    rows.append(["report", str(output_dir / "report.html")])
     if backend == "onnx":
         rows.append(["trtexec", _trtexec(artifact.path, shape, engine, "quantize" in pass_names)])
     click.echo("\n" + tabulate(rows, tablefmt="plain"))

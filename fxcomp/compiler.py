@@ -27,6 +27,9 @@ from fxcomp.distributed import is_main_process
 from fxcomp.errors import BackendError, InputError
 from fxcomp.figures import png_bytes
 from fxcomp.graph import node_counts, state_size
+from fxcomp.html_report import artifact_figure, render_html
+from fxcomp.latency import artifact_runner, median_latency
+from fxcomp.module_copy import copy_module
 from fxcomp.pass_manager import PassManager
 from fxcomp.report import PassRecord, Report
 from fxcomp.trace import LeafSpec, as_input_tuple, trace
@@ -57,14 +60,22 @@ def compile(
     before_pass: Sequence[BeforePassHook] = (),
     after_pass: Sequence[AfterPassHook] = (),
     backend_options: Mapping[str, Any] | None = None,
+    analyze: bool = False,
+    latency_rounds: int = 0,
 ) -> CompileResult:
     """Trace a deep copy of ``model``, run ``passes`` in order, and report each step.
 
     The caller's model is never changed. With ``output_dir``, ``report.json`` is written
     there atomically once every pass has succeeded. Under ``torchrun`` every rank runs the
     passes (training passes share the work) and rank 0 alone emits and writes; the other
-    ranks return the compiled module with ``artifact=None``. ``backend_options`` go to the backend
-    (``onnx``: ``opset``, ``dynamic_batch``, ``fp16_weights``).
+    ranks return the compiled module with ``artifact=None``. With ``output_dir`` a
+    ``report.html`` (tables and the figures embedded; it opens from disk) is written too.
+    ``analyze`` adds the per-layer quantization analysis (``fxcomp.analyze`` on
+    ``calibration_data``, for ``engine``) to the report: ``tables["analysis"]`` and the
+    ``layer_sqnr`` and ``weight_histograms`` figures. ``latency_rounds`` times the artifact
+    against the float model, interleaved, and records the medians in the report.
+    ``backend_options`` go to the backend (``onnx``: ``opset``, ``dynamic_batch``,
+    ``fp16_weights``).
 
     Example::
 
@@ -80,6 +91,10 @@ def compile(
         raise InputError(f"backend {backend!r} writes files: give output_dir")
     if backend_options and backend is None:
         raise InputError("backend_options given without a backend")
+    if analyze and calibration_data is None:
+        raise InputError(
+            "analyze needs calibration_data", hint="compile(..., calibration_data=batches)"
+        )
     if backend is not None:
         BACKENDS[backend].check_options(**(backend_options or {}))
     manager = PassManager(passes)
@@ -108,6 +123,7 @@ def compile(
         bytes_after=bytes_after,
     )
     ctx.history.append("trace")
+    floating = copy_module(gm) if latency_rounds else None
     if backend is not None:  # the reference the backend verifies its artifact against
         with torch.no_grad():
             ctx.float_outputs = gm(*ctx.example_inputs)
@@ -121,11 +137,49 @@ def compile(
     if backend is not None:
         options = dict(backend_options or {})
         artifact = BACKENDS[backend].emit(result.graph_module, ctx, Path(output_dir), **options)
-        ctx.report.artifacts.append(artifact.to_dict())
+        summary = artifact.to_dict()
+        if floating is not None:
+            models = {"float": floating, backend: artifact_runner(backend, artifact.path)}
+            ms = median_latency(models, [ctx.example_inputs], latency_rounds)
+            summary["latency_ms"] = {name: values[0] for name, values in ms.items()}
+        ctx.report.artifacts.append(summary)
+        ctx.figures["size_latency"] = lambda: artifact_figure(ctx.report)
+    if analyze:
+        _add_analysis(ctx, model, calibration_data, engine or "x86", leaf_modules)
     if output_dir is not None:
+        pictures = {}
         for name, draw in ctx.figures.items():
             path = Path(output_dir) / f"{name}.png"
-            write_atomic(path, png_bytes(draw))
+            pictures[name] = png_bytes(draw)
+            write_atomic(path, pictures[name])
             ctx.report.figures[name] = str(path)
         write_atomic(Path(output_dir) / "report.json", json.dumps(ctx.report.to_dict(), indent=2))
+        write_atomic(Path(output_dir) / "report.html", render_html(ctx.report, pictures))
     return CompileResult(result.graph_module, artifact, ctx.report)
+
+
+def _add_analysis(
+    ctx: CompileContext,
+    model: nn.Module,
+    data: Iterable[Any],
+    engine: str,
+    leaf_modules: Iterable[LeafSpec],
+) -> None:
+    """The per-layer analysis as a report table and two figures."""
+    from fxcomp.analysis import analyze  # it compiles, so it imports this module
+
+    analysis = analyze(model, ctx.example_inputs, data, engine=engine, leaf_modules=leaf_modules)
+    ctx.report.tables["analysis"] = [
+        {
+            "layer": layer.name,
+            "sqnr_alone_db": f"{layer.sqnr_alone:.2f}",
+            "sqnr_all_but_it_db": f"{layer.sqnr_without:.2f}",
+            "weight_sqnr_db": f"{layer.weight_sqnr:.2f}",
+            "weight_outliers": f"{layer.weight.outliers:.3%}",
+            "input_clipped": f"{layer.input.clipped:.3%}",
+            "output_outliers": f"{layer.output.outliers:.3%}",
+        }
+        for layer in analysis.layers
+    ]
+    ctx.figures["layer_sqnr"] = analysis.figure
+    ctx.figures["weight_histograms"] = analysis.histogram_figure

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from torch import nn
 from fxcomp.backends import torchscript
 from fxcomp.compiler import compile
 from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.latency import median_latency
 from fxcomp.passes import distill, fuse, prune, qat, quantize
 from fxcomp.quant.scheme import deprecated_apis
 
@@ -43,18 +42,6 @@ class DemoRow:
     kib: float
     batch1_ms: float
     test_set_ms: float
-
-
-def _latency(models: dict, inputs: list[torch.Tensor], rounds: int) -> dict[str, list[float]]:
-    times = {name: [[] for _ in inputs] for name in models}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, model in models.items():
-                for i, x in enumerate(inputs):
-                    start = time.perf_counter()
-                    model(x)
-                    times[name][i].append((time.perf_counter() - start) * 1e3)
-    return {name: [statistics.median(t) for t in per] for name, per in times.items()}
 
 
 def _frozen(model: nn.Module, x: torch.Tensor) -> tuple[torch.jit.ScriptModule, int]:
@@ -121,7 +108,7 @@ def run_demo(
     deployed[int8_step] = torchscript.load(result.artifact.path)
     sizes[int8_step] = result.artifact.path.stat().st_size
     parameters[int8_step] = parameters[f"distilled ({distill_epochs} epochs)"]
-    ms = _latency(deployed, [data.test_x[:1], data.test_x], rounds)
+    ms = median_latency(deployed, [(data.test_x[:1],), (data.test_x,)], rounds)
     return [
         DemoRow(
             name,

@@ -167,11 +167,16 @@ def test_compile_quantizes_to_torchscript_and_prints_a_summary(tmp_path):
         str(out),
     )
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.pt",
+        "report.html",
+        "report.json",
+        "size_latency.png",
+    ]
     artifact = next(line for line in run.stdout.splitlines() if line.startswith("artifact"))
     assert artifact.split()[-1] == str(out / "model.pt")
     assert "deprecated" not in run.stderr
-    size = next(line for line in run.stdout.splitlines() if line.startswith("size"))
+    size = next(line for line in run.stdout.splitlines() if line.startswith("size "))
     assert float(size.split("(")[1].rstrip("x)")) >= 3.9
     assert "sqnr_db_vs_float" in run.stdout and "quantize" in run.stdout
 
@@ -198,7 +203,9 @@ def test_compile_prunes_with_options_and_draws_the_importance(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "model.pt",
         "prune_importance.png",
+        "report.html",
         "report.json",
+        "size_latency.png",
     ]
     assert f"prune_importance: {out / 'prune_importance.png'}" in run.stdout
     table = run.stdout.split("prune, per layer:")[1]

@@ -91,7 +91,12 @@ def test_float_file_reproduces_the_model_with_a_dynamic_batch(net, tmp_path):
     with torch.no_grad():
         expected = result.module(bigger)
     torch.testing.assert_close(onnx_model.run(session, (bigger,)), expected, rtol=1e-4, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.onnx",
+        "report.html",
+        "report.json",
+        "size_latency.png",
+    ]
 
 
 def test_int8_file_is_about_four_times_smaller(tmp_path, batches):
