@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 from torch.nn.parallel import DistributedDataParallel
@@ -40,6 +41,7 @@ __all__ = [
     "Callback",
     "Metric",
     "OptimizerFactory",
+    "Supervised",
     "fit",
     "split_batch",
     "split_labeled",
@@ -107,6 +109,32 @@ def top1_accuracy(model: Callable[..., Any], data: Iterable[Any]) -> float:
     if not total:
         raise InputError("the validation data is empty")
     return 100.0 * right / total
+
+
+class Supervised(nn.Module):
+    """The hard-label loss of one batch (cross-entropy unless ``loss`` is given), as an
+    objective for ``fit``; ``what`` names the pass in the error for unlabeled data.
+
+    Example::
+
+        fit(Supervised(gm, None, "qat"), gm, batches, epochs=2, lr=1e-4, desc="qat")
+    """
+
+    def __init__(
+        self, gm: GraphModule, loss: Callable[[Any, Any], torch.Tensor] | None, what: str
+    ) -> None:
+        super().__init__()
+        self.student = gm
+        self.loss = loss or F.cross_entropy
+        self.what = what
+
+    def forward(self, inputs: tuple[Any, ...], label: Any) -> dict[str, torch.Tensor]:
+        if label is None:
+            raise InputError(
+                f"{self.what} data has no labels",
+                hint="yield (inputs, labels) batches, or give a teacher to distil from",
+            )
+        return {"loss": self.loss(self.student(*inputs), label)}
 
 
 def _sized(data: Iterable[Any]) -> int | None:

@@ -23,12 +23,15 @@ from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_chan
 from fxcomp.passes.qat import QATOptions, qat, train_quantization_aware
 from fxcomp.passes.quantization import quantize
 from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
+from fxcomp.passes.weight_sharing import SharedWeightLayer, ShareOptions, share_weights
 
 __all__ = [
     "BUILTIN",
     "DistillOptions",
     "FuseOptions",
     "QATOptions",
+    "ShareOptions",
+    "SharedWeightLayer",
     "SparsifyOptions",
     "calibrate",
     "cse",
@@ -51,6 +54,7 @@ __all__ = [
     "qat",
     "quantize",
     "run_calibration",
+    "share_weights",
     "sparsify",
     "sparsify_weights",
     "train_quantization_aware",

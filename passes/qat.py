@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
@@ -44,7 +43,7 @@ from fxcomp.quant.ops import SkipSpec, tensor_inputs
 from fxcomp.quant.reference import grid_of
 from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
 from fxcomp.trace import trace
-from fxcomp.training import Callback, Metric, OptimizerFactory, fit, top1_accuracy
+from fxcomp.training import Callback, Metric, OptimizerFactory, Supervised, fit, top1_accuracy
 
 __all__ = ["QATOptions", "qat", "train_quantization_aware"]
 
@@ -85,23 +84,6 @@ class QATOptions:
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise InputError(f"qat {name} must be a non-negative integer, got {value!r}")
         scheme_for(self.engine)
-
-
-class _Supervised(nn.Module):
-    """The hard-label loss of one batch."""
-
-    def __init__(self, gm: GraphModule, loss: Callable[[Any, Any], torch.Tensor] | None):
-        super().__init__()
-        self.student = gm
-        self.loss = loss or F.cross_entropy
-
-    def forward(self, inputs: tuple[Any, ...], label: Any) -> dict[str, torch.Tensor]:
-        if label is None:
-            raise InputError(
-                "qat data has no labels",
-                hint="yield (inputs, labels) batches, or give a teacher to distil from",
-            )
-        return {"loss": self.loss(self.student(*inputs), label)}
 
 
 def _prepare(gm: GraphModule, options: QATOptions) -> tuple[list[FakeQuantize], list[str]]:
@@ -174,7 +156,7 @@ def train_quantization_aware(
         teacher_gm = trace(teacher, ctx.example_inputs)
         objective = DistillObjective(gm, teacher_gm, distillation or DistillOptions(), loss)
     else:
-        objective = _Supervised(gm, loss)
+        objective = Supervised(gm, loss, "qat")
     states: list[dict[str, str]] = []
 
     def before_epoch(epoch: int) -> None:
