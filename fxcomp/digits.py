@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["DigitsData", "DigitsNet", "accuracy", "load_digits_split", "train"]
+__all__ = [
+    "DigitsData",
+    "DigitsLSTM",
+    "DigitsNet",
+    "DigitsTransformer",
+    "accuracy",
+    "load_digits_split",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,49 @@ class DigitsNet(nn.Module):
         x = F.relu(x + self.bn(self.conv(x)))
         x = self.pool(self.down(x))
         return self.fc(torch.flatten(x, 1))
+
+
+class DigitsLSTM(nn.Module):
+    """Reads each digit row by row: an LSTM over the 8 rows (8 pixels each), then a Linear
+    on the last step's output; a sequence model for dynamic quantization.
+
+    Example::
+
+        DigitsLSTM()(torch.rand(2, 1, 8, 8)).shape   # torch.Size([2, 10])
+    """
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(8, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x.squeeze(1))
+        return self.fc(out[:, -1])
+
+
+class DigitsTransformer(nn.Module):
+    """A Transformer encoder over the 8 rows of each digit (rows embedded, a learned
+    position per row), mean-pooled into a Linear classifier.
+
+    Example::
+
+        DigitsTransformer()(torch.rand(2, 1, 8, 8)).shape   # torch.Size([2, 10])
+    """
+
+    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.position = nn.Parameter(torch.zeros(1, 8, width))
+        layer = nn.TransformerEncoderLayer(
+            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.fc = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.squeeze(1)) + self.position
+        return self.fc(self.encoder(tokens).mean(1))
 
 
 def train(

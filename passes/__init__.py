@@ -15,6 +15,7 @@ from fxcomp.passes.calibration import calibrate, run_calibration
 from fxcomp.passes.common_subexpressions import cse, eliminate_common_subexpressions
 from fxcomp.passes.dead_code import dce, eliminate_dead_code
 from fxcomp.passes.distillation import DistillOptions, distill, distill_student
+from fxcomp.passes.dynamic_quantization import DynamicOptions, quantize_dynamic
 from fxcomp.passes.freezing import freeze, freeze_qparams
 from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
 from fxcomp.passes.lowering import lower, lower_to_kernels
@@ -28,6 +29,7 @@ from fxcomp.passes.weight_sharing import SharedWeightLayer, ShareOptions, share_
 __all__ = [
     "BUILTIN",
     "DistillOptions",
+    "DynamicOptions",
     "FuseOptions",
     "QATOptions",
     "ShareOptions",
@@ -53,6 +55,7 @@ __all__ = [
     "pruning_plan",
     "qat",
     "quantize",
+    "quantize_dynamic",
     "run_calibration",
     "share_weights",
     "sparsify",
