@@ -24,6 +24,7 @@ from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_chan
 from fxcomp.passes.qat import QATOptions, qat, train_quantization_aware
 from fxcomp.passes.quantization import quantize
 from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
+from fxcomp.passes.weight_casting import HalfWeightLayer, cast_weights
 from fxcomp.passes.weight_sharing import SharedWeightLayer, ShareOptions, share_weights
 
 __all__ = [
@@ -31,11 +32,13 @@ __all__ = [
     "DistillOptions",
     "DynamicOptions",
     "FuseOptions",
+    "HalfWeightLayer",
     "QATOptions",
     "ShareOptions",
     "SharedWeightLayer",
     "SparsifyOptions",
     "calibrate",
+    "cast_weights",
     "cse",
     "dce",
     "distill",
