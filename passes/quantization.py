@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from fxcomp.pass_manager import Pipeline
+from fxcomp.passes.bias_correction import correct_bias
 from fxcomp.passes.calibration import calibrate
 from fxcomp.passes.freezing import FreezeOptions, freeze
 from fxcomp.passes.lowering import lower as lower_pass
@@ -35,6 +36,7 @@ def quantize(
     target_sqnr: float | None = None,
     max_accuracy_drop: float | None = None,
     eval_fn: EvalFn | None = None,
+    bias_correction: bool = False,
 ) -> Pipeline:
     """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``
     (by default the ``calibration_data`` given to ``fxcomp.compile``).
@@ -45,6 +47,8 @@ def quantize(
     ``target_sqnr`` (dB of the output against float on the calibration data) or
     ``max_accuracy_drop`` (points of ``eval_fn(model)``) turns on mixed precision: the
     layers that hurt most stay float until the target is met (``choose_precision``).
+    ``bias_correction`` subtracts the mean output shift weight rounding causes
+    (``correct_bias``).
 
     Example::
 
@@ -70,6 +74,8 @@ def quantize(
         calibrate(calibration_data, progress=progress),
         freeze(engine=engine, per_channel=per_channel),
     ]
+    if bias_correction:
+        steps.append(correct_bias(calibration_data))
     if lower:
         steps.append(lower_pass(engine=engine))
     return Pipeline("quantize", steps, run_after=("fuse",))
