@@ -81,6 +81,7 @@ def _passes(names: str, **options: Any) -> list[Any]:
         "quantize": ("calibration_data", "engine", "observer"),
         "prune": ("ratio", "importance", "scope", "ignore", "round_to"),
         "sparsify": ("amount",),
+        "quantize_dynamic": ("engine",),
     }
     return [
         BUILTIN[n](**{k: v for k, v in options.items() if k in wanted.get(n, ())}) for n in chosen
@@ -423,9 +424,10 @@ def list_passes() -> None:
     """List the built-in passes."""
     from fxcomp.passes import BUILTIN
 
+    width = max(map(len, BUILTIN))
     for name, constructor in BUILTIN.items():
         summary = (constructor.__doc__ or "").strip().splitlines()[0]
-        click.echo(f"{name:<8} {summary}")
+        click.echo(f"{name:<{width}}  {summary}")
 
 
 @main.command(name="check")

@@ -81,5 +81,10 @@ BUILTIN = MappingProxyType(
         "prune": prune,
         "sparsify": sparsify,
         "quantize": quantize,
+        "quantize_dynamic": quantize_dynamic,
+        "equalize": equalize,
+        "smooth_quant": smooth_quant,
+        "cast_weights": cast_weights,
+        "share_weights": share_weights,
     }
 )

@@ -18,6 +18,30 @@ from fxcomp.passes.pruning import PruneOptions
 from fxcomp.trace import propagate_shapes
 
 
+@pytest.fixture(scope="module")
+def digits_calibrated():
+    """The digits split, DigitsNet trained on it, and its training images as batches."""
+    from fxcomp.digits import DigitsNet, load_digits_split, train
+
+    data = load_digits_split()
+    torch.manual_seed(0)
+    model = train(DigitsNet(), data, progress=False)
+    return data, model, [x for x, _ in data.batches()]
+
+
+def outlier_model(model: nn.Module, factor: float) -> nn.Module:
+    """The same function, with four channels of ``down``'s output ``factor`` times larger
+    (and ``fc`` reading them ``factor`` times smaller): one per-tensor activation grid must
+    cover the outliers, and the other channels lose their resolution."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        bn = model.down[1]
+        bn.weight[:4] *= factor
+        bn.bias[:4] *= factor
+        model.fc.weight[:, :4] /= factor
+    return model
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics, so that folding changes the weights."""
     gen = torch.Generator().manual_seed(seed)

@@ -12,22 +12,19 @@ import pytest
 import torch
 
 import fxcomp
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.digits import accuracy
 from fxcomp.errors import InputError, PassError
 from fxcomp.passes import fuse, quantize
 from fxcomp.quant.reference import QuantizedWeightLayer
 from fxcomp.verify import sqnr
-from tests.test_qat import outlier_model
+from tests.conftest import outlier_model
 
 LAYERS = ["stem.0", "conv", "down.0", "fc"]
 
 
 @pytest.fixture(scope="module")
-def digits():
-    data = load_digits_split()
-    torch.manual_seed(0)
-    model = train(DigitsNet(), data, progress=False)
-    return data, model, [x for x, _ in data.batches()]
+def digits(digits_calibrated):
+    return digits_calibrated
 
 
 def quantized_alone(model, data, calibration, layer):

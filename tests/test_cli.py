@@ -139,7 +139,48 @@ def test_passes_lists_the_built_in_passes():
     run = fxcomp("passes")
     assert run.returncode == 0
     names = [line.split()[0] for line in run.stdout.splitlines()]
-    assert names == ["fuse", "cse", "dce", "prune", "sparsify", "quantize"]
+    assert names == [
+        "fuse",
+        "cse",
+        "dce",
+        "prune",
+        "sparsify",
+        "quantize",
+        "quantize_dynamic",
+        "equalize",
+        "smooth_quant",
+        "cast_weights",
+        "share_weights",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("passes", "table"),
+    [("fuse,equalize,quantize", "equalize"), ("quantize_dynamic", "quantize_dynamic")],
+)
+def test_compile_runs_the_range_and_dynamic_passes(tmp_path, passes, table):
+    out = tmp_path / "out"
+    run = fxcomp(
+        "compile",
+        "torchvision:resnet18",
+        "--input-shape",
+        "1,3,32,32",
+        "--passes",
+        passes,
+        "--calib-batches",
+        "1",
+        "--latency-rounds",
+        "2",
+        "-o",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"{table}, per layer:" in run.stdout and (out / "model.pt").exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["tables"][table] and set(saved["artifacts"][0]["latency_ms"]) == {
+        "float",
+        "torchscript",
+    }
 
 
 def test_console_script_is_installed():

@@ -4,8 +4,6 @@ and observer freezing, learned ranges, a float teacher, and errors before traini
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -17,6 +15,7 @@ from fxcomp.fused import ConvBN
 from fxcomp.passes import fuse, qat, quantize
 from fxcomp.quant.fake_quant import FakeQuantize, QATWeight
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
+from tests.conftest import outlier_model
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +23,6 @@ def digits():
     data = load_digits_split()
     torch.manual_seed(0)
     return data, train(DigitsNet(), data, progress=False)
-
-
-def outlier_model(model: nn.Module, factor: float) -> nn.Module:
-    """The same function, with four channels of ``down``'s output ``factor`` times larger
-    (and ``fc`` reading them ``factor`` times smaller): one per-tensor activation grid must
-    cover the outliers, and the other channels lose their resolution."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        bn = model.down[1]
-        bn.weight[:4] *= factor
-        bn.bias[:4] *= factor
-        model.fc.weight[:, :4] /= factor
-    return model
 
 
 def ptq(model, data, **options):

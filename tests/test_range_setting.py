@@ -9,20 +9,16 @@ import torch
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.digits import accuracy
 from fxcomp.errors import InputError
 from fxcomp.passes import equalize, fuse, quantize, smooth_quant
 from fxcomp.verify import sqnr
-from tests.conftest import relative_error
-from tests.test_qat import outlier_model
+from tests.conftest import outlier_model, relative_error
 
 
 @pytest.fixture(scope="module")
-def digits():
-    data = load_digits_split()
-    torch.manual_seed(0)
-    model = train(DigitsNet(), data, progress=False)
-    return data, model, [x for x, _ in data.batches()]
+def digits(digits_calibrated):
+    return digits_calibrated
 
 
 def _sqnr(model, passes, data, calibration):
