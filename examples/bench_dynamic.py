@@ -4,11 +4,14 @@
 
 Two sequence models trained in seconds on real digits read row by row (scikit-learn's
 ``load_digits``: 8 rows of 8 pixels per image): ``DigitsLSTM`` and ``DigitsTransformer``.
-Each is quantized dynamically by fxcomp (int8 weights per output channel) and by
-``torch.ao.quantization.quantize_dynamic`` (its defaults: per-tensor weights), and the three
-(float, fxcomp, torch.ao) are timed interleaved in this process at batch 1 and on the whole
+Each is quantized dynamically by fxcomp (int8 weights per output channel, and per tensor as
+the peer does) and by ``torch.ao.quantization.quantize_dynamic`` (its defaults: per-tensor
+weights). Every model is timed as a Python module and in its deployable form, frozen
+TorchScript (fxcomp's ``backend="torchscript"`` artifact; the peer's model traced and
+frozen), all interleaved in this process (``fxcomp.latency``) at batch 1 and on the whole
 test set (450 images); the table gives medians, test accuracy, the output's cosine
-similarity to float and the serialized state size.
+similarity to float and the serialized state size. Ratios are against the peer in the same
+form (Python or TorchScript).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import tempfile
 import warnings
 
 import torch
@@ -24,15 +28,34 @@ from tabulate import tabulate
 from torch import nn
 
 import fxcomp
+from fxcomp.backends import torchscript
 from fxcomp.digits import DigitsLSTM, DigitsTransformer, accuracy, load_digits_split, train
 from fxcomp.latency import median_latency
 from fxcomp.passes import quantize_dynamic
+from fxcomp.quant.scheme import deprecated_apis
 
 
 def state_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(buffer.getvalue())
+
+
+def frozen(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
+    with deprecated_apis(), torch.no_grad():
+        return torch.jit.freeze(torch.jit.trace(model, x).eval())
+
+
+def fxcomp_artifact(model: nn.Module, x: torch.Tensor, per_channel: bool) -> torch.jit.ScriptModule:
+    with tempfile.TemporaryDirectory() as out:
+        result = fxcomp.compile(
+            model,
+            x,
+            passes=[quantize_dynamic(per_channel=per_channel)],
+            backend="torchscript",
+            output_dir=out,
+        )
+        return torchscript.load(result.artifact.path)
 
 
 def peer(model: nn.Module) -> nn.Module | str:
@@ -59,15 +82,23 @@ def main() -> None:
     for make, epochs, lr in ((DigitsLSTM, 20, 0.01), (DigitsTransformer, 12, 0.005)):
         torch.manual_seed(0)
         model = train(make(), data, epochs=epochs, lr=lr, progress=False)
-        ours = fxcomp.compile(model, data.test_x[:1], passes=[quantize_dynamic()]).module
+        x = data.test_x[:1]
+        ours = fxcomp.compile(model, x, passes=[quantize_dynamic()]).module
         theirs = peer(model)
         models = {"float": model, "fxcomp": ours}
         if not isinstance(theirs, str):
             models["torch.ao"] = theirs
+        models["float (TorchScript)"] = frozen(model, x)
+        models["fxcomp (TorchScript)"] = fxcomp_artifact(model, x, per_channel=True)
+        models["fxcomp per-tensor (TorchScript)"] = fxcomp_artifact(model, x, per_channel=False)
+        if not isinstance(theirs, str):
+            models["torch.ao (TorchScript)"] = frozen(theirs, x)
         ms = median_latency(models, inputs, args.rounds)
         with torch.no_grad():
             reference = model(data.test_x)
             for name, m in models.items():
+                peer_name = "torch.ao (TorchScript)" if "TorchScript" in name else "torch.ao"
+                base = "float (TorchScript)" if "TorchScript" in name else "float"
                 cosine = F.cosine_similarity(reference, m(data.test_x)).min().item()
                 rows.append(
                     [
@@ -75,12 +106,12 @@ def main() -> None:
                         name,
                         f"{accuracy(m, data.test_x, data.test_y):.2f}",
                         f"{cosine:.5f}",
-                        f"{state_bytes(m) / 1024:.1f}",
+                        "-" if "TorchScript" in name else f"{state_bytes(m) / 1024:.1f}",
                         f"{ms[name][0]:.3f}",
                         f"{ms[name][1]:.2f}",
-                        f"{ms[name][0] / ms['float'][0]:.2f}",
-                        f"{ms[name][0] / ms['torch.ao'][0]:.2f}" if "torch.ao" in ms else "-",
-                        f"{ms[name][1] / ms['torch.ao'][1]:.2f}" if "torch.ao" in ms else "-",
+                        f"{ms[name][0] / ms[base][0]:.2f}",
+                        f"{ms[name][0] / ms[peer_name][0]:.2f}" if peer_name in ms else "-",
+                        f"{ms[name][1] / ms[peer_name][1]:.2f}" if peer_name in ms else "-",
                     ]
                 )
         if isinstance(theirs, str):

@@ -1,8 +1,10 @@
 """Latency side by side: models timed interleaved in one process, medians of many rounds.
 
-Timings on shared machines are noisy, so each round runs every model once on every input,
-in turn, and the median of the rounds is reported; compare models by their ratio, measured
-in the same call.
+Timings on shared machines are noisy, so each round runs every model once on each input,
+and the median of the rounds is reported; compare models by their ratio, measured in the
+same call. Within a round the models take turns on one input before the next input, and
+their order rotates from round to round: a model that always ran right after another's
+large batch would pay for that batch's effect on the caches and clocks.
 
 Example::
 
@@ -29,12 +31,14 @@ def median_latency(
     """Median milliseconds of each model on each input tuple, over ``rounds`` interleaved
     rounds (one warm-up round first)."""
     times: dict[str, list[list[float]]] = {name: [[] for _ in inputs] for name in models}
+    names = list(models)
     with torch.no_grad():
         for round_ in range(rounds + 1):
-            for name, model in models.items():
-                for i, args in enumerate(inputs):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for i, args in enumerate(inputs):
+                for name in order:
                     start = time.perf_counter()
-                    model(*args)
+                    models[name](*args)
                     if round_:
                         times[name][i].append((time.perf_counter() - start) * 1e3)
     return {name: [statistics.median(t) for t in per] for name, per in times.items()}
