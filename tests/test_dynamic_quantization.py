@@ -75,3 +75,23 @@ def test_skip_and_engine_are_checked(data):
     assert type(gm.fc) is torch.nn.Linear and type(gm.lstm) is nnqd.LSTM
     with pytest.raises(InputError, match="quantize_dynamic runs fbgemm/qnnpack kernels"):
         quantize_dynamic(engine="tensorrt")
+
+
+def test_a_two_layer_bidirectional_gru_is_converted():
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(8, 32, num_layers=2, batch_first=True, bidirectional=True)
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            out, _ = self.gru(x)
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    model, x = Reader().eval(), torch.randn(4, 8, 8)
+    result = fxcomp.compile(model, x, passes=[quantize_dynamic()])
+    assert type(result.module.gru) is nnqd.GRU
+    with torch.no_grad():
+        assert F.cosine_similarity(model(x), result.module(x)).min() > 0.999  # measured 0.99986
+    assert [row["type"] for row in result.report.tables["quantize_dynamic"]] == ["GRU", "Linear"]
