@@ -21,7 +21,15 @@ from torch import nn
 from fxcomp.batchnorm import fold_batchnorm_
 from fxcomp.graph import CONVS
 
-__all__ = ["ConvBN", "ConvReLU", "FusedModule", "LinearReLU", "add_relu", "weighted_layer"]
+__all__ = [
+    "ConvBN",
+    "ConvReLU",
+    "FusedModule",
+    "LinearReLU",
+    "add_relu",
+    "apply_weight",
+    "weighted_layer",
+]
 
 
 class FusedModule(nn.Module):
@@ -99,6 +107,21 @@ def add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         add_relu(torch.ones(2), -2 * torch.ones(2))  # tensor([0., 0.])
     """
     return torch.relu(a + b)
+
+
+def apply_weight(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``layer`` (a Conv or Linear) computed on ``x`` with ``weight`` and ``bias`` in place of
+    its own: how wrappers that hold the weight in another form run the layer.
+
+    Example::
+
+        apply_weight(conv, x, rounded_weight, conv.bias)
+    """
+    if isinstance(layer, nn.Linear):
+        return torch.nn.functional.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)
 
 
 def weighted_layer(module: nn.Module | None) -> nn.Module | None:

@@ -20,12 +20,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
+from fxcomp.fused import apply_weight
 from fxcomp.graph import module_of
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.reference import QuantizedWeightLayer, fake_quantize
@@ -41,10 +41,9 @@ def _shift(layer: QuantizedWeightLayer, x: torch.Tensor) -> torch.Tensor:
     error = (
         fake_quantize(weight, layer.weight_scale, layer.weight_zero_point, layer.scheme) - weight
     )
+    out = apply_weight(inner, x, error, None)
     if isinstance(inner, nn.Linear):
-        out = F.linear(x, error)
         return out.reshape(-1, out.shape[-1]).mean(0)
-    out = inner._conv_forward(x, error, None)
     return out.transpose(0, 1).reshape(out.shape[1], -1).mean(1)
 
 

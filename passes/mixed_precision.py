@@ -111,7 +111,8 @@ def choose_float_layers(
     total_macs = sum(macs.values()) or 1
     chosen: list[str] = []
     rows = []
-    value = figure(())
+    # the analysis already quantized everything; only eval_fn needs its own first figure
+    value = figure(()) if options.eval_fn is not None else analysis.model_sqnr
     while True:
         extra = sum(weighted_layer(gm.get_submodule(n)).weight.numel() for n in chosen)
         rows.append(

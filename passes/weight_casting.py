@@ -14,13 +14,12 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
+from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.graph import module_of, replace_module
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.verify import sqnr
@@ -50,11 +49,7 @@ class HalfWeightLayer(FusedModule):
         self.register_buffer("weight", weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.to(x.dtype)
-        if isinstance(self.layer, nn.Linear):
-            y = F.linear(x, weight, self.layer.bias)
-        else:
-            y = self.layer._conv_forward(x, weight, self.layer.bias)
+        y = apply_weight(self.layer, x, self.weight.to(x.dtype), self.layer.bias)
         return torch.relu(y) if self.relu else y
 
 

@@ -25,14 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
+from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.graph import module_of, replace_module
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.training import Supervised, fit
@@ -89,10 +88,7 @@ class SharedWeightLayer(FusedModule):
         return math.ceil(self.indices.numel() * self.bits / 8) + 4 * self.lut.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.layer, nn.Linear):
-            y = F.linear(x, self.weight(), self.layer.bias)
-        else:
-            y = self.layer._conv_forward(x, self.weight(), self.layer.bias)
+        y = apply_weight(self.layer, x, self.weight(), self.layer.bias)
         return torch.relu(y) if self.relu else y
 
     def extra_repr(self) -> str:

@@ -29,10 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fxcomp.fused import ConvBN, ConvReLU, FusedModule, LinearReLU, weighted_layer
+from fxcomp.fused import ConvBN, ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import fake_quantize, weight_qparams
 from fxcomp.quant.scheme import QScheme
@@ -129,11 +128,6 @@ class QATWeight(FusedModule):
         scale, zero_point = weight_qparams(weight.detach(), self.scheme)
         return fake_quantize(weight, scale, zero_point, self.scheme)
 
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        if isinstance(self.inner, nn.Linear):
-            return F.linear(x, weight, bias)
-        return self.inner._conv_forward(x, weight, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inner = self.inner
         if isinstance(self.layer, ConvBN):
@@ -141,14 +135,14 @@ class QATWeight(FusedModule):
             gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
             factor = gamma / torch.sqrt(bn.running_var + bn.eps)
             shape = (-1,) + (1,) * (inner.weight.dim() - 1)
-            y = self._apply(x, self._rounded(inner.weight * factor.reshape(shape)), None)
+            y = apply_weight(inner, x, self._rounded(inner.weight * factor.reshape(shape)), None)
             out_shape = (1, -1) + (1,) * (y.dim() - 2)
             y = y / factor.reshape(out_shape)
             if inner.bias is not None:
                 y = y + inner.bias.reshape(out_shape)
             y = bn(y)
         else:
-            y = self._apply(x, self._rounded(inner.weight), inner.bias)
+            y = apply_weight(inner, x, self._rounded(inner.weight), inner.bias)
         return torch.relu(y) if self.relu else y
 
     def trained_layer(self) -> nn.Module:

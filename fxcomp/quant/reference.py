@@ -17,11 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, weighted_layer
+from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.graph import module_of
 from fxcomp.quant.ops import tensor_inputs
 from fxcomp.quant.scheme import QScheme
@@ -189,10 +188,7 @@ class QuantizedWeightLayer(FusedModule):
             weight = fake_quantize(
                 inner.weight, self.weight_scale, self.weight_zero_point, self.scheme
             )
-        if isinstance(inner, nn.Linear):
-            y = F.linear(x, weight, inner.bias)
-        else:
-            y = inner._conv_forward(x, weight, inner.bias)
+        y = apply_weight(inner, x, weight, inner.bias)
         return torch.relu(y) if self.relu else y
 
 
