@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from typing import Any
 
 import torch
 from torch import nn
@@ -109,9 +110,43 @@ def state_size(module: nn.Module) -> tuple[int, int]:
     """(parameter count, bytes of the saved state) of a module.
 
     Quantized layers keep their weights packed rather than as parameters; their quantized
-    weights count as parameters too, at one byte per int8 element.
+    weights count as parameters too, at one byte per int8 element (a dynamic Linear's
+    packed ``(weight, bias)`` pair and a dynamic LSTM's packed cell parameters included).
     """
-    state = [t for t in module.state_dict().values() if isinstance(t, torch.Tensor)]
+    state = [t for value in _state_tensors(module) for t in _tensors_in(value)]
     params = sum(p.numel() for p in module.parameters())
     params += sum(t.numel() for t in state if t.is_quantized)
     return params, sum(t.numel() * t.element_size() for t in state)
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in a state value: itself, the members of a tuple, or what a packed
+    kernel parameter (a TorchScript object) saves."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+        return _tensors_in(value.__getstate__())
+    return []
+
+
+def _state_tensors(module: nn.Module) -> list[Any]:
+    """The values ``module.state_dict()`` holds, without building its ordered dict of names:
+    plain modules' parameters and persistent buffers are read directly; a module that
+    saves its state its own way (packed quantized weights) or has state-dict hooks is asked
+    for its entries."""
+    if module._state_dict_hooks or module._state_dict_pre_hooks:
+        return list(module.state_dict(keep_vars=True).values())
+    if type(module)._save_to_state_dict is nn.Module._save_to_state_dict:
+        found = [p for p in module._parameters.values() if p is not None]
+        skip = module._non_persistent_buffers_set
+        found += [b for n, b in module._buffers.items() if b is not None and n not in skip]
+    else:
+        local: dict[str, Any] = {}
+        module._save_to_state_dict(local, "", keep_vars=True)
+        found = list(local.values())
+    for child in module._modules.values():
+        if child is not None:
+            found += _state_tensors(child)
+    return found

@@ -103,10 +103,10 @@ class Carrier:
         if reduced.dim() == 1:
             return reduced.double()
         if self.groups == 1:
-            return reduced.sum(1 - self.axis, dtype=torch.float64)
+            return reduced.sum(1 - self.axis).double()
         rows, per_group = reduced.shape
         blocks = reduced.reshape(self.groups, rows // self.groups, per_group)
-        return blocks.sum(1, dtype=torch.float64).reshape(-1)
+        return blocks.sum(1).double().reshape(-1)
 
     def zero(self, channels: torch.Tensor) -> None:
         """Zero what carries ``channels``, in place."""

@@ -199,6 +199,30 @@ def test_records_hold_time_nodes_and_sizes(residual_net, image):
     assert record.bytes_after < record.bytes_before
 
 
+
+def test_sizes_count_packed_dynamic_kernels():
+    """Dynamic kernels hold their int8 weights packed (a Linear's (weight, bias) pair, an
+    LSTM's cell parameters), not as parameters: the records count them all the same."""
+    from fxcomp.passes import quantize_dynamic
+
+    class Reader(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(8, 32, batch_first=True)
+            self.fc = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.fc(out[:, -1])
+
+    result = fxcomp.compile(Reader().eval(), torch.randn(2, 8, 8), passes=[quantize_dynamic()])
+    record = result.report.find("quantize_dynamic")
+    int8_weights = 4 * 32 * (8 + 32) + 10 * 32
+    assert record.parameters_after == int8_weights
+    assert record.bytes_before == 4 * record.parameters_before  # float32 throughout
+    # int8 weights, float biases and one float64 scale and int64 zero point per channel
+    assert int8_weights < record.bytes_after < 0.5 * record.bytes_before
+
 def test_non_callable_pass_is_rejected():
     with pytest.raises(fxcomp.InputError, match="a pass must be callable"):
         PassManager(["fuse"])
