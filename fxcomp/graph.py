@@ -4,6 +4,7 @@ Example::
 
     conv = module_of(gm, node)            # the nn.Module a call_module node runs
     where = source_of(node)               # "model.py:42 `y = self.conv(x)`"
+    out, created = inline_graph(gm, node, traced, {"x": node.args[0]}, "block")
 """
 
 from __future__ import annotations
@@ -11,18 +12,20 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
-from torch.fx.node import _get_qualified_name
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import _get_qualified_name, map_arg
 
 __all__ = [
     "BATCHNORMS",
     "CONVS",
     "ELEMENTWISE_MODULES",
     "LIBRARY_DIRS",
+    "inline_graph",
     "module_of",
     "node_counts",
     "replace_module",
@@ -150,3 +153,51 @@ def _state_tensors(module: nn.Module) -> list[Any]:
         if child is not None:
             found += _state_tensors(child)
     return found
+
+
+def inline_graph(
+    gm: GraphModule, at: Node, graph: Graph, inputs: Mapping[str, Node], prefix: str
+) -> tuple[Any, list[Node]]:
+    """Copy ``graph``, traced from the submodule of ``gm`` at ``prefix``, into ``gm.graph``
+    just before ``at``; return its output value and the nodes created.
+
+    Placeholders named in ``inputs`` become those values; the others were fixed by
+    ``concrete_args`` when tracing, so they and the checks FX adds on them are left out.
+    Module and attribute targets get ``prefix``; new nodes are named after ``at`` and carry
+    its source line.
+
+    Example::
+
+        traced = torch.fx.Tracer().trace(gm.get_submodule("block"))
+        out, created = inline_graph(gm, node, traced, {"x": node.args[0]}, "block")
+    """
+    env: dict[Node, Any] = {}
+    specialised: set[Node] = set()
+    created: list[Node] = []
+    output: Any = None
+    for old in graph.nodes:
+        if old.op == "placeholder":
+            if old.target in inputs:
+                env[old] = inputs[old.target]
+            else:
+                specialised.add(old)
+            continue
+        if any(n in specialised for n in old.all_input_nodes):
+            specialised.add(old)  # an assert on a concrete argument
+            continue
+        if old.op == "output":
+            output = map_arg(old.args[0], env.__getitem__)
+            continue
+        target = f"{prefix}.{old.target}" if old.op in ("call_module", "get_attr") else old.target
+        with gm.graph.inserting_before(at):
+            new = gm.graph.create_node(
+                old.op,
+                target,
+                map_arg(old.args, env.__getitem__),
+                map_arg(old.kwargs, env.__getitem__),
+                name=f"{at.name}_{old.name}",
+            )
+        new.meta["stack_trace"] = at.meta.get("stack_trace")
+        env[old] = new
+        created.append(new)
+    return output, created

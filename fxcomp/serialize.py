@@ -44,7 +44,9 @@ _FUNCTION_MODULES = {
     "torch.nn.functional",
     "torch.functional",
     "_operator",
+    "torch._C._nn",  # scaled_dot_product_attention
     "fxcomp.fused",
+    "fxcomp.attention",
 }
 _FORBIDDEN = ("save", "load", "file", "hub", "jit", "compile", "export", "set_")
 _SKIPPED_ARGUMENTS = {"self", "device", "dtype"}

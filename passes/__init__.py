@@ -11,6 +11,7 @@ Example::
 
 from types import MappingProxyType
 
+from fxcomp.passes.attention import UnpackOptions, unpack_attention, unpack_multihead_attention
 from fxcomp.passes.bias_correction import correct_bias
 from fxcomp.passes.calibration import calibrate, run_calibration
 from fxcomp.passes.common_subexpressions import cse, eliminate_common_subexpressions
@@ -40,6 +41,7 @@ __all__ = [
     "ShareOptions",
     "SharedWeightLayer",
     "SparsifyOptions",
+    "UnpackOptions",
     "calibrate",
     "cast_weights",
     "correct_bias",
@@ -70,6 +72,8 @@ __all__ = [
     "sparsify",
     "sparsify_weights",
     "train_quantization_aware",
+    "unpack_attention",
+    "unpack_multihead_attention",
     "zero_channels",
 ]
 
@@ -82,6 +86,7 @@ BUILTIN = MappingProxyType(
         "sparsify": sparsify,
         "quantize": quantize,
         "quantize_dynamic": quantize_dynamic,
+        "unpack_attention": unpack_attention,
         "equalize": equalize,
         "smooth_quant": smooth_quant,
         "cast_weights": cast_weights,

@@ -147,6 +147,7 @@ def test_passes_lists_the_built_in_passes():
         "sparsify",
         "quantize",
         "quantize_dynamic",
+        "unpack_attention",
         "equalize",
         "smooth_quant",
         "cast_weights",
