@@ -27,6 +27,7 @@ __all__ = [
     "DigitsLSTM",
     "DigitsNet",
     "DigitsTransformer",
+    "DigitsViT",
     "accuracy",
     "load_digits_split",
     "train",
@@ -129,19 +130,43 @@ class DigitsTransformer(nn.Module):
         DigitsTransformer()(torch.rand(2, 1, 8, 8)).shape   # torch.Size([2, 10])
     """
 
-    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+    def __init__(
+        self, width: int = 64, layers: int = 2, heads: int = 4, *, encoder: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(8, width)
         self.position = nn.Parameter(torch.zeros(1, 8, width))
-        layer = nn.TransformerEncoderLayer(
-            width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
-        )
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        if encoder is None:
+            layer = nn.TransformerEncoderLayer(
+                width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True
+            )
+            encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.encoder = encoder
         self.fc = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x.squeeze(1)) + self.position
         return self.fc(self.encoder(tokens).mean(1))
+
+
+class DigitsViT(DigitsTransformer):
+    """``DigitsTransformer`` with torchvision's ViT encoder blocks (pre-norm:
+    ``x + attention(LayerNorm(x))``, ``x + MLP(LayerNorm(x))``, GELU) and a final
+    LayerNorm. torch.fx traces through them, so every LayerNorm -> Linear edge and every
+    ``nn.MultiheadAttention`` call is in the graph, for ``unpack_attention`` and
+    ``smooth_quant``.
+
+    Example::
+
+        DigitsViT()(torch.rand(2, 1, 8, 8)).shape   # torch.Size([2, 10])
+    """
+
+    def __init__(self, width: int = 64, layers: int = 2, heads: int = 4) -> None:
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        blocks = [EncoderBlock(heads, width, 2 * width, 0.0, 0.0) for _ in range(layers)]
+        norm = nn.LayerNorm(width, eps=1e-6)
+        super().__init__(width, layers, heads, encoder=nn.Sequential(*blocks, norm))
 
 
 def train(

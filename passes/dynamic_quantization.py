@@ -11,12 +11,16 @@ its qualified name is in ``skip``. A ``TransformerEncoderLayer`` whose feed-forw
 were converted runs its layer-by-layer path (its fused fast path reads float weights;
 ``torch.ao.quantization.quantize_dynamic`` leaves such a model failing). The attention's
 own projections (``in_proj_weight``, ``out_proj``) are read as tensors by
-``MultiheadAttention`` and stay float, as with ``torch.ao``.
+``MultiheadAttention`` and stay float, as with ``torch.ao``, unless ``unpack_attention``
+ran first: it makes each ``MultiheadAttention`` in the graph an ``Attention`` whose
+``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` are Linear layers, converted here
+like any other.
 ``report.tables["quantize_dynamic"]`` lists the layers with their weight SQNR.
 
 Example::
 
     result = fxcomp.compile(model, x, passes=[fxcomp.passes.quantize_dynamic()])
+    vit = fxcomp.compile(vit, x, passes=[unpack_attention(), quantize_dynamic()])
 """
 
 from __future__ import annotations
@@ -164,4 +168,4 @@ def quantize_dynamic(
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return quantize_dynamic_layers(gm, ctx, options=options)
 
-    return Pass("quantize_dynamic", run, run_after=("fuse", "prune", "distill"))
+    return Pass("quantize_dynamic", run, run_after=("fuse", "prune", "distill", "unpack_attention"))
