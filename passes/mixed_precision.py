@@ -9,11 +9,15 @@ accuracy is at most ``max_accuracy_drop`` below float. The layers it chose are r
 ``gm.meta["fxcomp_float_layers"]``, which ``insert_observers`` skips; the graph itself is
 unchanged. ``report.tables["mixed_precision"]`` has each step: the float layers, the figure
 reached, the extra weight bytes float costs, and the share of multiply-accumulates left in
-float (what the INT8 speed-up loses).
+float (what the INT8 speed-up loses). With ``latency_rounds`` (engines with kernels: x86,
+fbgemm, qnnpack) the float graph, the all-INT8 graph and the chosen mix are lowered, frozen
+as TorchScript and timed interleaved on the example inputs (``fxcomp.latency``):
+``report.tables["mixed_precision_latency"]`` gives each one's median and its speed-up over
+float, the cost of the float layers in time rather than in MACs.
 
 Example::
 
-    passes=[fuse(), quantize(batches, target_sqnr=30.0)]
+    passes=[fuse(), quantize(batches, target_sqnr=30.0, latency_rounds=50)]
 """
 
 from __future__ import annotations
@@ -27,13 +31,17 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.analysis import flat_outputs, input_batches, measure_layers, quantize_copy
+from fxcomp.backends.torchscript import script
 from fxcomp.context import CompileContext
 from fxcomp.errors import InputError
 from fxcomp.fused import weighted_layer
 from fxcomp.graph import module_of
+from fxcomp.latency import median_latency
 from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.passes.freezing import FreezeOptions
+from fxcomp.passes.lowering import LowerOptions, lower_to_kernels
 from fxcomp.passes.observers import FLOAT_LAYERS, ObserverOptions
+from fxcomp.quant.scheme import KERNEL_ENGINES
 from fxcomp.verify import sqnr
 
 __all__ = ["PrecisionOptions", "choose_float_layers", "choose_precision"]
@@ -43,11 +51,13 @@ EvalFn = Callable[[nn.Module], float]
 
 @dataclass(frozen=True)
 class PrecisionOptions:
-    """The target: an output SQNR in dB, or an accuracy drop that ``eval_fn`` measures."""
+    """The target: an output SQNR in dB, or an accuracy drop that ``eval_fn`` measures;
+    ``latency_rounds`` > 0 times the result against float and all-INT8."""
 
     target_sqnr: float | None = None
     max_accuracy_drop: float | None = None
     eval_fn: EvalFn | None = None
+    latency_rounds: int = 0
 
     def check(self) -> None:
         """Raise ``InputError`` unless exactly one target is set, with what it needs."""
@@ -57,6 +67,8 @@ class PrecisionOptions:
             raise InputError(
                 "max_accuracy_drop needs eval_fn", hint="eval_fn(model) -> accuracy in percent"
             )
+        if self.latency_rounds < 0:
+            raise InputError(f"latency_rounds must be >= 0, got {self.latency_rounds}")
 
 
 def _macs(gm: GraphModule) -> dict[str, int]:
@@ -70,6 +82,33 @@ def _macs(gm: GraphModule) -> dict[str, int]:
         per_output = layer.weight[0].numel()  # (in / groups) * kernel, or in_features
         macs[str(node.target)] = math.prod(meta.shape[1:]) * per_output
     return macs
+
+
+def _latency_rows(
+    gm: GraphModule,
+    ctx: CompileContext,
+    data: list[Any],
+    chosen: list[str],
+    rounds: int,
+    observers: ObserverOptions,
+    freezing: FreezeOptions,
+) -> list[dict[str, Any]]:
+    """Float, all-INT8 and the chosen mix as frozen TorchScript, timed interleaved."""
+    engine = observers.engine
+    models = {"float": script(gm, ctx.example_inputs, engine)}
+    mixes = {"all INT8": ()} | ({f"{len(chosen)} float": tuple(chosen)} if chosen else {})
+    for name, skip in mixes.items():
+        trial = replace(observers, skip=(*observers.skip, *skip))
+        reference = quantize_copy(gm, ctx.example_inputs, data, trial, freezing)
+        scratch = CompileContext(example_inputs=ctx.example_inputs)
+        lowered = lower_to_kernels(reference, scratch, options=LowerOptions(engine)).graph_module
+        models[name] = script(lowered, ctx.example_inputs, engine)
+    ms = median_latency(models, [ctx.example_inputs], rounds)
+    base = ms["float"][0]
+    return [
+        {"model": name, "latency_ms": f"{value[0]:.3f}", "speed-up": f"{base / value[0]:.2f}x"}
+        for name, value in ms.items()
+    ]
 
 
 def choose_float_layers(
@@ -134,6 +173,10 @@ def choose_float_layers(
             f"(reached {value:.2f})",
             hint="lower the target, or check the data and eval_fn",
         )
+    if options.latency_rounds:
+        ctx.report.tables["mixed_precision_latency"] = _latency_rows(
+            gm, ctx, data, chosen, options.latency_rounds, observers, freezing
+        )
     gm.meta[FLOAT_LAYERS] = tuple(chosen)
     return PassResult(gm, modified=False)
 
@@ -151,6 +194,11 @@ def choose_precision(
         quantize(batches, target_sqnr=30.0)   # includes choose_precision
     """
     options.check()
+    if options.latency_rounds and observers.engine not in KERNEL_ENGINES:
+        raise InputError(
+            f"latency_rounds times the INT8 kernels; engine {observers.engine!r} has none here",
+            hint="time the exported ONNX file in its runtime instead (fxcomp.latency)",
+        )
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return choose_float_layers(

@@ -36,6 +36,7 @@ def quantize(
     target_sqnr: float | None = None,
     max_accuracy_drop: float | None = None,
     eval_fn: EvalFn | None = None,
+    latency_rounds: int = 0,
     bias_correction: bool = False,
 ) -> Pipeline:
     """INT8 post-training static quantization for ``engine``, calibrated on ``calibration_data``
@@ -46,7 +47,8 @@ def quantize(
     layers in float by qualified module name, module type or op name ("add", "cat").
     ``target_sqnr`` (dB of the output against float on the calibration data) or
     ``max_accuracy_drop`` (points of ``eval_fn(model)``) turns on mixed precision: the
-    layers that hurt most stay float until the target is met (``choose_precision``).
+    layers that hurt most stay float until the target is met (``choose_precision``);
+    ``latency_rounds`` then times float, all-INT8 and the mix as TorchScript.
     ``bias_correction`` subtracts the mean output shift weight rounding causes
     (``correct_bias``).
 
@@ -61,7 +63,7 @@ def quantize(
     freezing = FreezeOptions(engine, per_channel)
     steps = []
     if target_sqnr is not None or max_accuracy_drop is not None or eval_fn is not None:
-        precision = PrecisionOptions(target_sqnr, max_accuracy_drop, eval_fn)
+        precision = PrecisionOptions(target_sqnr, max_accuracy_drop, eval_fn, latency_rounds)
         steps.append(choose_precision(calibration_data, precision, observers, freezing))
     steps += [
         observe(

@@ -84,9 +84,12 @@ def test_target_sqnr_keeps_the_fewest_layers_float(digits):
     data, model, calibration = digits
     hard = outlier_model(model, 50.0)
     x = torch.cat(calibration)
-    passes = [fuse(), quantize(calibration, target_sqnr=30.0, progress=False)]
+    passes = [fuse(), quantize(calibration, target_sqnr=30.0, latency_rounds=3, progress=False)]
     result = fxcomp.compile(hard, data.test_x[:1], passes=passes)
     rows = result.report.tables["mixed_precision"]
+    timed = result.report.tables["mixed_precision_latency"]  # frozen TorchScript, interleaved
+    assert [row["model"] for row in timed] == ["float", "all INT8", "2 float"]
+    assert all(float(row["latency_ms"]) > 0 for row in timed) and timed[0]["speed-up"] == "1.00x"
     assert [row["float layers"] for row in rows] == ["-", "down.0", "down.0, fc"]
     assert float(rows[0]["sqnr_db"]) < 10 and float(rows[-1]["sqnr_db"]) >= 30
     assert rows[-1]["extra_weight_bytes"] == 3 * (16 * 32 * 9 + 32 * 10)
@@ -132,6 +135,10 @@ def test_mixed_precision_options_are_checked(digits):
         quantize(calibration, target_sqnr=30.0, max_accuracy_drop=1.0)
     with pytest.raises(InputError, match="max_accuracy_drop needs eval_fn"):
         quantize(calibration, max_accuracy_drop=1.0)
+    with pytest.raises(InputError, match="latency_rounds must be >= 0"):
+        quantize(calibration, target_sqnr=30.0, latency_rounds=-1)
+    with pytest.raises(InputError, match="engine 'tensorrt' has none here"):
+        quantize(calibration, engine="tensorrt", target_sqnr=30.0, latency_rounds=5)
     with pytest.raises(PassError, match="not met even with every layer in float"):
         fxcomp.compile(
             model,
