@@ -1,17 +1,20 @@
-"""Channel scaling between two layers, the move behind cross-layer equalization and
-SmoothQuant: ``C(f(P(x)))`` is unchanged when output channel ``c`` of ``P`` is divided by
-``s_c > 0`` and input channel ``c`` of ``C`` multiplied by it, provided every op ``f``
-between them acts on each channel alone and commutes with a positive scale (ReLU, max and
-average pooling, dropout, identity, and a flatten of a 1x1 map).
+"""Channel scaling between a producer and its consumers, the move behind cross-layer
+equalization and SmoothQuant: ``C(f(P(x)))`` is unchanged when output channel ``c`` of ``P``
+is divided by ``s_c > 0`` and input channel ``c`` of ``C`` multiplied by it, provided every
+op ``f`` between them acts on each channel alone and commutes with a positive scale (ReLU,
+max and average pooling, dropout, identity, and a flatten of a 1x1 map).
 
-``scale_pairs(gm)`` finds every such (producer, consumer) pair: a Conv (not grouped) or
-Linear whose output reaches exactly one Conv (not grouped) or Linear through such ops and
-nothing else, each module called from one place only. ``rescale_(gm, pair, s)`` applies
-the scales to the weights and biases.
+``scale_pairs(gm)`` finds every such pair: a Conv (not grouped) or Linear whose output
+reaches exactly one Conv (not grouped) or Linear through such ops and nothing else, each
+module called from one place only. With ``norms=True`` it also finds the Transformer case:
+a LayerNorm with affine weights over the last axis whose output feeds only Linear layers,
+directly (a pre-norm block's ``LN -> q_proj, k_proj, v_proj`` or ``LN -> fc1``); its
+weight and bias are divided, every consumer's input columns multiplied. ``rescale_(gm,
+pair, s)`` applies the scales to the weights and biases.
 
 Example::
 
-    for pair in scale_pairs(gm):
+    for pair in scale_pairs(gm, norms=True):
         rescale_(gm, pair, torch.ones(pair.channels))
 """
 
@@ -47,10 +50,11 @@ _METHODS = {"relu"}
 
 @dataclass(frozen=True)
 class ScalePair:
-    """Two layers whose shared channels can be rescaled; ``channels`` of them."""
+    """A producer and the consumers of its ``channels`` channels, which can be rescaled:
+    one Conv/Linear consumer of a Conv/Linear, or the Linear consumers of a LayerNorm."""
 
     producer: str
-    consumer: str
+    consumers: tuple[str, ...]
     channels: int
 
 
@@ -79,10 +83,12 @@ def _called_once(gm: GraphModule, *nodes: Node) -> bool:
     return all(len(gm.graph.find_nodes(op="call_module", target=n.target)) == 1 for n in nodes)
 
 
-def scale_pairs(gm: GraphModule) -> list[ScalePair]:
-    """Every (producer, consumer) pair of ``gm`` whose channels can be rescaled."""
+def scale_pairs(gm: GraphModule, *, norms: bool = False) -> list[ScalePair]:
+    """Every rescalable pair of ``gm``; with ``norms``, LayerNorm producers too."""
     pairs = []
     for node in gm.graph.nodes:
+        if norms and (pair := _norm_pair(gm, node)) is not None:
+            pairs.append(pair)
         producer = _layer(gm, node)
         if producer is None:
             continue
@@ -93,7 +99,7 @@ def scale_pairs(gm: GraphModule) -> list[ScalePair]:
             consumer = _layer(gm, user)
             if consumer is not None:
                 if consumer.weight.shape[1] == channels and _called_once(gm, node, user):
-                    pairs.append(ScalePair(str(node.target), str(user.target), channels))
+                    pairs.append(ScalePair(str(node.target), (str(user.target),), channels))
                 break
             if not _channelwise(gm, user, channels):
                 break
@@ -101,17 +107,36 @@ def scale_pairs(gm: GraphModule) -> list[ScalePair]:
     return pairs
 
 
+def _norm_pair(gm: GraphModule, node: Node) -> ScalePair | None:
+    """A LayerNorm (affine, over the last axis) whose every user is a Linear reading it."""
+    norm = module_of(gm, node)
+    if not isinstance(norm, nn.LayerNorm) or norm.weight is None:
+        return None
+    if len(norm.normalized_shape) != 1 or not node.users:
+        return None
+    channels = norm.normalized_shape[0]
+    for user in node.users:
+        consumer = _layer(gm, user)
+        if not isinstance(consumer, nn.Linear) or consumer.in_features != channels:
+            return None
+    if not _called_once(gm, node, *node.users):
+        return None
+    return ScalePair(str(node.target), tuple(str(u.target) for u in node.users), channels)
+
+
 def rescale_(gm: GraphModule, pair: ScalePair, scale: torch.Tensor) -> None:
-    """Divide ``pair.producer``'s output channels by ``scale`` and multiply
-    ``pair.consumer``'s input channels by it, in place."""
-    producer = weighted_layer(gm.get_submodule(pair.producer))
-    consumer = weighted_layer(gm.get_submodule(pair.consumer))
+    """Divide ``pair.producer``'s output channels by ``scale`` and multiply every
+    consumer's input channels by it, in place."""
     if not torch.all(scale > 0) or not math.isfinite(float(scale.sum())):
         raise ValueError("channel scales must be positive and finite")
+    producer = gm.get_submodule(pair.producer)
+    producer = producer if isinstance(producer, nn.LayerNorm) else weighted_layer(producer)
     with torch.no_grad():
         rows = (-1,) + (1,) * (producer.weight.dim() - 1)
         producer.weight.div_(scale.reshape(rows).to(producer.weight.dtype))
         if producer.bias is not None:
             producer.bias.div_(scale.to(producer.bias.dtype))
-        columns = (1, -1) + (1,) * (consumer.weight.dim() - 2)
-        consumer.weight.mul_(scale.reshape(columns).to(consumer.weight.dtype))
+        for name in pair.consumers:
+            consumer = weighted_layer(gm.get_submodule(name))
+            columns = (1, -1) + (1,) * (consumer.weight.dim() - 2)
+            consumer.weight.mul_(scale.reshape(columns).to(consumer.weight.dtype))

@@ -33,7 +33,8 @@ _FLOOR = 1e-8
 def pair_ranges(gm: GraphModule, pair: ScalePair) -> tuple[torch.Tensor, torch.Tensor]:
     """Per shared channel: the producer's output range and the consumer's input range."""
     producer = weighted_layer(gm.get_submodule(pair.producer)).weight.detach()
-    consumer = weighted_layer(gm.get_submodule(pair.consumer)).weight.detach()
+    (name,) = pair.consumers
+    consumer = weighted_layer(gm.get_submodule(name)).weight.detach()
     r1 = producer.abs().reshape(pair.channels, -1).amax(1)
     r2 = consumer.abs().transpose(0, 1).reshape(pair.channels, -1).amax(1)
     return r1, r2
@@ -58,7 +59,7 @@ def equalize_layers(gm: GraphModule, ctx: CompileContext) -> PassResult:
         rows.append(
             {
                 "producer": pair.producer,
-                "consumer": pair.consumer,
+                "consumer": ", ".join(pair.consumers),
                 "channels": pair.channels,
                 "producer_spread": f"{before[0]:.3g} -> {_spread(r1):.3g}",
                 "consumer_spread": f"{before[1]:.3g} -> {_spread(r2):.3g}",

@@ -1,17 +1,21 @@
 """SmoothQuant: ``C(f(P(x))) -> C'(f(P'(x)))`` with activation outliers moved into weights.
 
-For each pair of layers whose shared channels can be rescaled (``fxcomp.scaling``), the
-consumer's input activations are measured on ``data`` and channel ``c`` is scaled by
-``s_c = max|X_c|**alpha / max|W_c|**(1 - alpha)`` (Xiao et al.), ``X`` the consumer's
-input and ``W_c`` its weights on that channel: the producer's output (so the activation)
-is divided by ``s_c``, the consumer's weights multiplied by it. With ``alpha=0.5`` the
-activation and the weight share the outlier; the function is unchanged. Run it after
-``fuse`` and before ``quantize``. ``report.tables["smooth_quant"]`` gives each pair's
-activation spread (largest over smallest channel range) before and after.
+For each producer whose output channels can be rescaled against its consumers
+(``fxcomp.scaling``: a Conv/Linear pair, or a LayerNorm feeding only Linear layers, the
+Transformer case ``LN -> q_proj, k_proj, v_proj`` after ``unpack_attention``, or
+``LN -> fc1``), the consumers' input activations are measured on ``data`` and channel
+``c`` is scaled by ``s_c = max|X_c|**alpha / max|W_c|**(1 - alpha)`` (Xiao et al.), ``X``
+the consumers' input and ``W_c`` their weights on that channel, the largest over all the
+consumers: the producer's output (so the activation) is divided by ``s_c`` (a LayerNorm's
+weight and bias), every consumer's weights multiplied by it. With ``alpha=0.5`` the
+activation and the weights share the outlier; the function is unchanged. Run it after
+``fuse`` and ``unpack_attention`` and before ``quantize``.
+``report.tables["smooth_quant"]`` gives each pair's activation spread (largest over
+smallest channel range) before and after.
 
 Example::
 
-    passes=[fuse(), smooth_quant(batches, alpha=0.5), quantize(batches)]
+    passes=[fuse(), unpack_attention(), smooth_quant(batches, alpha=0.5), quantize(batches)]
 """
 
 from __future__ import annotations
@@ -34,23 +38,33 @@ __all__ = ["smooth_layers", "smooth_quant"]
 _FLOOR = 1e-8
 
 
+def _channel_ranges(layer: torch.nn.Module, x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The largest magnitude of each input channel of ``layer`` in ``x`` (a Linear's
+    channels are the last axis, a Conv's the second)."""
+    x = x.detach().abs()
+    if isinstance(layer, torch.nn.Linear):
+        return x.reshape(-1, channels).amax(0)
+    return x.transpose(0, 1).reshape(channels, -1).amax(1)
+
+
 def _input_ranges(
     gm: GraphModule, pairs: list[ScalePair], batches: list[tuple[Any, ...]]
 ) -> dict[str, torch.Tensor]:
-    """Per pair, the largest magnitude of each channel of the consumer's input."""
+    """Per pair (by producer), the largest magnitude of each channel its consumers read."""
     ranges: dict[str, torch.Tensor] = {}
 
-    def record(name: str, channels: int):
+    def record(pair: ScalePair, layer: torch.nn.Module):
         def hook(module: Any, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().abs().transpose(0, 1).reshape(channels, -1).amax(1)
+            x = _channel_ranges(layer, args[0], pair.channels)
+            name = pair.producer
             ranges[name] = torch.maximum(ranges[name], x) if name in ranges else x
 
         return hook
 
-    hooks = [
-        gm.get_submodule(p.consumer).register_forward_pre_hook(record(p.consumer, p.channels))
-        for p in pairs
-    ]
+    hooks = []
+    for pair in pairs:  # every consumer reads the same tensor: the first one is watched
+        module = gm.get_submodule(pair.consumers[0])
+        hooks.append(module.register_forward_pre_hook(record(pair, weighted_layer(module))))
     try:
         with torch.no_grad():
             for inputs in batches:
@@ -59,6 +73,15 @@ def _input_ranges(
         for hook in hooks:
             hook.remove()
     return ranges
+
+
+def _weight_ranges(gm: GraphModule, pair: ScalePair) -> torch.Tensor:
+    """The largest weight magnitude on each shared channel, over all consumers."""
+    columns = []
+    for name in pair.consumers:
+        weight = weighted_layer(gm.get_submodule(name)).weight.detach().abs()
+        columns.append(weight.transpose(0, 1).reshape(pair.channels, -1).amax(1))
+    return torch.stack(columns).amax(0)
 
 
 def smooth_layers(
@@ -70,13 +93,12 @@ def smooth_layers(
         raise InputError("smooth_quant needs data to measure activations on")
     count = len(gm.graph.find_nodes(op="placeholder"))
     batches = [split_batch(b, count, i)[0] for i, b in enumerate(data)]
-    pairs = scale_pairs(gm)
+    pairs = scale_pairs(gm, norms=True)
     ranges = _input_ranges(gm, pairs, batches)
     rows = []
     for pair in pairs:
-        activation = ranges[pair.consumer]
-        weight = weighted_layer(gm.get_submodule(pair.consumer)).weight.detach().abs()
-        weight = weight.transpose(0, 1).reshape(pair.channels, -1).amax(1)
+        activation = ranges[pair.producer]
+        weight = _weight_ranges(gm, pair)
         live = (activation > _FLOOR) & (weight > _FLOOR)
         scale = activation.clamp(min=_FLOOR) ** alpha / weight.clamp(min=_FLOOR) ** (1 - alpha)
         scale = torch.where(live, scale, torch.ones_like(scale))
@@ -85,7 +107,7 @@ def smooth_layers(
         rows.append(
             {
                 "producer": pair.producer,
-                "consumer": pair.consumer,
+                "consumer": ", ".join(pair.consumers),
                 "channels": pair.channels,
                 "activation_spread": f"{_spread(activation):.3g} -> {_spread(after):.3g}",
             }
@@ -100,8 +122,8 @@ def _spread(ranges: torch.Tensor) -> float:
 
 
 def smooth_quant(data: Iterable[Any] | None = None, *, alpha: float = 0.5) -> Pass:
-    """SmoothQuant on every rescalable layer pair, measured on ``data`` (by default the
-    ``calibration_data`` given to ``compile``; module docstring).
+    """SmoothQuant on every rescalable layer pair and LayerNorm -> Linear group, measured
+    on ``data`` (by default the ``calibration_data`` given to ``compile``; module docstring).
 
     Example::
 
