@@ -199,7 +199,6 @@ def test_records_hold_time_nodes_and_sizes(residual_net, image):
     assert record.bytes_after < record.bytes_before
 
 
-
 def test_sizes_count_packed_dynamic_kernels():
     """Dynamic kernels hold their int8 weights packed (a Linear's (weight, bias) pair, an
     LSTM's cell parameters), not as parameters: the records count them all the same."""
@@ -222,6 +221,7 @@ def test_sizes_count_packed_dynamic_kernels():
     assert record.bytes_before == 4 * record.parameters_before  # float32 throughout
     # int8 weights, float biases and one float64 scale and int64 zero point per channel
     assert int8_weights < record.bytes_after < 0.5 * record.bytes_before
+
 
 def test_non_callable_pass_is_rejected():
     with pytest.raises(fxcomp.InputError, match="a pass must be callable"):
