@@ -16,8 +16,8 @@ from torch import nn
 import fxcomp
 from fxcomp import PassManager
 from fxcomp.attention import Attention, conversion_refusal
-from fxcomp.errors import InputError, PassError
-from fxcomp.passes import fuse, unpack_attention
+from fxcomp.errors import InputError, PassError, PassOrderError
+from fxcomp.passes import fuse, smooth_quant, unpack_attention
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -150,15 +150,16 @@ def test_unpacked_graph_saves_and_loads(tmp_path):
 
 
 class Shared(nn.Module):
-    """One attention layer called twice (weights shared between the calls)."""
+    """One attention layer called twice (weights shared between the calls); its (None)
+    weights and its whole output tuple are outputs."""
 
     def __init__(self) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
 
     def forward(self, x):
-        x = x + self.attn(x, x, x, need_weights=False)[0]
-        return x + self.attn(x, x, x, need_weights=False)[0]
+        y, weights = self.attn(x, x, x, need_weights=False)
+        return self.attn(x + y, x + y, x + y, need_weights=False), weights
 
 
 def test_a_layer_called_twice_becomes_one_attention():
@@ -168,7 +169,9 @@ def test_a_layer_called_twice_becomes_one_attention():
     assert len(gm.graph.find_nodes(op="call_module", target="attn.q_proj")) == 2
     assert sum(p.numel() for p in gm.parameters()) == sum(p.numel() for p in model.parameters())
     with torch.no_grad():
-        torch.testing.assert_close(gm(x), model(x), **TOLERANCE)
+        (out, none), weights = gm(x)
+        assert none is None and weights is None
+        torch.testing.assert_close(out, model(x)[0][0], **TOLERANCE)
 
 
 class SelfAttention(nn.Module):
@@ -204,6 +207,8 @@ def test_refusals_name_the_layer_and_the_reason():
         Attention.from_multihead(model.attn)
     with pytest.raises(InputError, match="need_weights=True"):
         Attention(8, 2)(x, x, x, need_weights=True)
+    with pytest.raises(PassOrderError, match="'unpack_attention' must run before 'smooth_quant'"):
+        fxcomp.compile(model, x, passes=[smooth_quant([x]), unpack_attention()])
 
 
 def test_attention_has_free_head_widths_and_a_fixed_scale():
