@@ -44,6 +44,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torchvision.ops import stochastic_depth
 
+from fxcomp.channel_attention import AttentionCore, find_attention, is_mask_builder
 from fxcomp.fused import add_relu, weighted_layer
 from fxcomp.graph import (
     BATCHNORMS,
@@ -179,13 +180,19 @@ class ChannelGraph:
         self.spans: dict[str, Span] = {}
         self.splits: dict[str, Split] = {}
         self.blocked: dict[str, list[str]] = {}  # value -> reasons
+        cores, self.attention_refusals = find_attention(gm)
+        self.attention = {core.out.name: core for core in cores}  # by merged output
+        self.absorbed = {name for core in cores for name in core.labels}
 
     @classmethod
     def build(cls, gm: GraphModule) -> ChannelGraph:
         """Build the graph for ``gm`` (its nodes must carry ``tensor_meta``)."""
         self = cls(gm)
         for node in gm.graph.nodes:
-            self._couple(node)
+            if node.name in self.attention:
+                self._attend(node, self.attention[node.name])
+            elif node.name not in self.absorbed:
+                self._couple(node)
         return self
 
     # -- vertices and edges ---------------------------------------------------------------
@@ -258,6 +265,10 @@ class ChannelGraph:
             return self._channelwise(node, on_axis_1=True)
         if isinstance(module, nn.GroupNorm):
             return self._group_norm(node, module)
+        if isinstance(module, nn.MultiheadAttention):
+            return (
+                "nn.MultiheadAttention reads its packed projections inside (run unpack_attention)"
+            )
         if isinstance(module, nn.LayerNorm):
             return self._layer_norm(node, len(module.normalized_shape))
         if _is(node, {F.layer_norm}):
@@ -285,9 +296,27 @@ class ChannelGraph:
             return self._permute(node)
         if _is(node, {torch.mean, torch.sum, torch.amax}, _REDUCTIONS):
             return self._reduce(node)
-        if _is(node, {getattr}, _SHAPE_QUERIES):
+        if _is(node, {getattr}, _SHAPE_QUERIES) or is_mask_builder(node):
             return None  # reads sizes: a view built from them follows the pruned shape
+        if node.name in self.attention_refusals:
+            return self.attention_refusals[node.name]
         return f"{_describe(self.gm, node)} is not known to prune"
+
+    def _attend(self, out: Node, core: AttentionCore) -> None:
+        """Tie the query and key projections' channels, and the value projection's to the
+        merged output's, one within-head dimension of every head at a time
+        (``fxcomp.channel_attention``)."""
+        spans = [self.spans.get(v.name) for v in (core.q, core.k, core.v)]
+        last = [Span(len(_shape(v)) - 1, (_shape(v)[-1],)) for v in (core.q, core.k, core.v)]
+        shape = _shape(out)
+        self._claim(out, Span(len(shape) - 1, (shape[-1],)))
+        if spans != last:
+            self._block(out, [core.q, core.k, core.v, out], "attention over unknown channels")
+            return
+        self._same(core.q, core.k)
+        self._tie(core.q, torch.arange(core.heads * core.qk_dim).view(core.heads, -1))
+        self._same(core.v, out)
+        self._tie(core.v, torch.arange(core.heads * core.v_dim).view(core.heads, -1))
 
     def _input_span(self, node: Node, value: object) -> Span | None:
         return self.spans.get(value.name) if isinstance(value, Node) else None
@@ -359,6 +388,8 @@ class ChannelGraph:
         full = [(v, s) for v, s in aligned if tuple(shape[a] for a in s.axes) == s.dims]
         if not full:
             return None if not aligned else "channels broadcast against another value"
+        if len({(s.axis, s.dims) for _, s in full}) > 1:
+            return "combines values whose channels lie on different axes"
         out = full[0][1]
         for value in tensors:
             offset = len(shape) - len(_shape(value))

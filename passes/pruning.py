@@ -393,14 +393,20 @@ class _Kept:
     def __init__(self, plan: Plan) -> None:
         self.spans = plan.graph.spans
         self.gone = plan.removed()
+        self.known: dict[tuple[str, int | None], torch.Tensor] = {}
 
     def __call__(self, value: Node, size: int | None = None) -> torch.Tensor:
         """The kept channels of ``value`` (all ``size`` when it loses none)."""
-        if value.name not in self.gone:
-            return torch.arange(self.spans[value.name].size if size is None else size)
-        keep = torch.ones(self.spans[value.name].size, dtype=torch.bool)
-        keep[self.gone[value.name]] = False
-        return keep.nonzero().flatten()
+        key = (value.name, size)
+        if key not in self.known:
+            if value.name not in self.gone:
+                whole = self.spans[value.name].size if size is None else size
+                self.known[key] = torch.arange(whole)
+            else:
+                keep = torch.ones(self.spans[value.name].size, dtype=torch.bool)
+                keep[self.gone[value.name]] = False
+                self.known[key] = keep.nonzero().flatten()
+        return self.known[key]
 
     def shape(self, value: Node) -> list[int]:
         """``value``'s shape once pruned."""
@@ -490,6 +496,9 @@ def _apply(gm: GraphModule, plan: Plan) -> None:
         elif node.name in plan.graph.spans and node.target in ("view", "reshape", torch.reshape):
             _rewrite_view(node, kept)
         _shrink_meta(node, plan, kept)
+    for core in plan.graph.attention.values():
+        if core.q.name in kept.gone or core.v.name in kept.gone:
+            core.resize(gm, len(kept(core.q)) // core.heads, len(kept(core.v)) // core.heads)
     gm.graph.lint()
 
 

@@ -231,3 +231,75 @@ def test_pruned_token_model_exports_to_onnx(x, tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"x": x.numpy()})
     assert relative_error(torch.from_numpy(out), gm(x)) < 1e-5
+
+
+class HandAttention(nn.Module):
+    """Self-attention written out: separate projections, literal head sizes in ``view``
+    and ``reshape``, the batch and length read from the input."""
+
+    def __init__(self, computed_width: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 32)
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.out = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+        self.computed_width = computed_width
+
+    def forward(self, x):
+        x = self.embed(x.flatten(2).transpose(1, 2))  # (N, 64 tokens, 32)
+        n, length, width = x.shape
+        head = width // 4 if self.computed_width else 8
+
+        def heads(t):
+            return t.view(n, length, 4, head).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, 32)
+        return self.head((x + self.out(out)).mean(1))
+
+
+def test_attention_prunes_within_heads(x):
+    torch.manual_seed(0)
+    model = HandAttention().eval()
+    gm = oracle(model, x).module
+    assert [gm.get_submodule(n).out_features for n in ("q", "k", "v")] == [16, 16, 16]
+    assert gm.get_submodule("out").in_features == 16
+    assert (
+        "view(getitem, getitem_1, 4, 4)" in gm.code and "reshape(getitem, getitem_1, 16)" in gm.code
+    )
+    assert gm(torch.randn(5, 3, 8, 8)).shape == (5, 5)
+    groups = ChannelGraph.build(fxcomp.trace(model, x)).groups()
+    qk = next(g for g in groups if g.values[:2] == ["q", "k"])
+    assert qk.sets == 8 and qk.prunable  # one within-head dimension of all 4 heads per set
+    # a head width computed in the graph cannot be rewritten: the attention stays whole
+    computed = ChannelGraph.build(fxcomp.trace(HandAttention(computed_width=True).eval(), x))
+    reasons = [r for g in computed.groups() for r in g.blocked_by]
+    assert any("head width is computed in the graph" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unpacked_multihead_attention_prunes_its_heads(batch_first):
+    from fxcomp.passes import unpack_attention
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(32)
+            self.attention = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+            self.head = nn.Linear(32, 5)
+
+        def forward(self, x):
+            y = self.norm(x)
+            return self.head(x + self.attention(y, y, y, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 32) if batch_first else torch.randn(6, 2, 32)
+    model = Block().eval()
+    blocked = ChannelGraph.build(fxcomp.trace(model, x)).groups()
+    assert any("run unpack_attention" in r for g in blocked for r in g.blocked_by)
+    gm = oracle(model, x, passes=(unpack_attention(),)).module
+    projections = [gm.get_submodule(f"attention.{n}_proj") for n in "qkvo" if n != "o"]
+    assert [p.out_features for p in projections] == [16, 16, 16]
+    assert gm.get_submodule("attention.out_proj").in_features == 16
+    other = torch.randn(3, 9, 32) if batch_first else torch.randn(9, 3, 32)
+    assert gm(other).shape == (*other.shape[:2], 5)

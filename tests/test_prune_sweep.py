@@ -22,7 +22,8 @@ from tests.test_torchvision_sweep import MODELS, TOO_LARGE, _non_degenerate
 # Transformers: a LayerNorm over the embedding (removing a channel changes every other),
 # attention (MultiheadAttention, swin's shifted_window_attention, maxvit's attention),
 # position embeddings and class tokens keep the embedding width; their MLP hidden layers,
-# and maxvit's MBConv blocks, prune.
+# and maxvit's MBConv blocks, prune. After ``unpack_attention`` ViT's attention prunes too
+# (``test_vit_attention_prunes_after_unpacking``).
 BLOCKED = {
     *(f"convnext_{size}" for size in ("tiny", "small", "base", "large")),
     "maxvit_t",
@@ -63,3 +64,30 @@ def test_every_classification_model_prunes_exactly(name):
     rows = result.report.tables["prune"]
     assert rows[-1]["status"].startswith("kept: 'output': model output")  # the classifier
     assert sum(row["status"].endswith("sets removed") for row in rows) >= len(plan.plans)
+
+
+@pytest.mark.slow
+def test_vit_attention_prunes_after_unpacking():
+    """ViT-B/32 with its MultiheadAttention layers unpacked: the query/key and value widths
+    of every head prune (64 -> 32), exactly; only the embedding width stays blocked."""
+    from fxcomp.passes import unpack_attention
+
+    torch.manual_seed(0)
+    model = _non_degenerate(torchvision.models.vit_b_32(weights=None)).eval()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
+    x = torch.randn(1, 3, 224, 224)
+    result = oracle(model, x, passes=(unpack_attention(),))
+    gm = result.module
+    for i in range(12):
+        attention = gm.get_submodule(f"encoder.layers.encoder_layer_{i}.self_attention")
+        widths = [getattr(attention, f"{n}_proj").out_features for n in "qkv"]
+        assert widths == [12 * 32] * 3 and attention.out_proj.in_features == 12 * 32
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in gm.parameters())
+    assert after < 0.6 * before  # measured: 88.2M -> 45.7M
+    plan = pruning_plan(
+        fxcomp.compile(model, x, passes=[unpack_attention()]).module, PruneOptions()
+    )
+    assert not any("attention" in reason for reason in _blocked(plan.groups))
+    with torch.no_grad():
+        assert gm(torch.randn(2, 3, 224, 224)).shape == (2, 1000)
