@@ -64,7 +64,7 @@ def run_demo(
     qat_epochs: int | None = None,
     width: int = 32,
     ratio: float = 0.5,
-    distill_epochs: int = 4,
+    distill_epochs: int = 6,
     rounds: int = 50,
     progress: bool = True,
 ) -> list[DemoRow]:
@@ -79,7 +79,7 @@ def run_demo(
         last = quantize(calibration, engine=engine, observer=observer, progress=progress)
         int8_step = f"INT8 {engine} ({observer} PTQ)"
     else:
-        last = qat(batches, epochs=qat_epochs, lr=1e-3, engine=engine, progress=progress)
+        last = qat(batches, epochs=qat_epochs, lr=3e-4, engine=engine, progress=progress)
         int8_step = f"INT8 {engine} (QAT, {qat_epochs} epochs)"
     kept: dict[str, nn.Module] = {}
 
@@ -87,7 +87,9 @@ def run_demo(
         if record.path in ("prune", "distill"):
             kept[record.path] = copy.deepcopy(gm)
 
-    student = distill(model, batches, epochs=distill_epochs, lr=1e-2, alpha=0.5, progress=progress)
+    student = distill(
+        model, data.batches(32), epochs=distill_epochs, lr=1e-2, alpha=0.5, progress=progress
+    )
     result = compile(
         model,
         data.test_x[:1],

@@ -298,7 +298,7 @@ def test_demo_is_the_main_job(tmp_path, options):
     assert run.returncode == 0, run.stderr
     rows = _demo_table(run.stdout)
     int8 = "INT8 x86 (QAT, 2 epochs)" if options else "INT8 x86 (mse PTQ)"
-    assert list(rows) == ["float", "pruned 50%", "distilled (4 epochs)", int8]
+    assert list(rows) == ["float", "pruned 50%", "distilled (6 epochs)", int8]
     floating, pruned, distilled, quantized = rows.values()
     assert floating[0] > 97
     assert pruned[0] < floating[0] - 20  # pruning alone costs accuracy...

@@ -40,17 +40,7 @@ def test_distill_recovers_a_half_pruned_cnn_within_a_point(digits):
     model.train()  # the teacher's mode is its own: distillation must not change it
     unpruned = accuracy(model.eval(), data.test_x, data.test_y)
     model.train()
-    epochs = []
-    result = pruned_and_distilled(
-        model,
-        data,
-        data.batches(32),
-        epochs=4,
-        lr=1e-2,
-        alpha=0.5,
-        validation=data.batches(32)[-6:],
-        callback=lambda epoch, gm, figures: epochs.append(figures),
-    )
+    result = pruned_and_distilled(model, data, data.batches(32), epochs=6, lr=1e-2, alpha=0.5)
     assert model.training
     model.eval()
     for key, value in model.state_dict().items():
@@ -59,13 +49,28 @@ def test_distill_recovers_a_half_pruned_cnn_within_a_point(digits):
     assert sum(p.numel() for p in student.parameters()) < 0.3 * sum(
         p.numel() for p in model.parameters()
     )
+    # over five teachers (training seeds 0-4) this recipe lost 0.44 points on average, 1.11 at most
     final = accuracy(student, data.test_x, data.test_y)
     assert final >= unpruned - 1.0, (final, unpruned)
-    # the best epoch by the validation metric is what remains
-    validation = top1_accuracy(student, data.batches(32)[-6:])
-    assert len(epochs) == 4 and validation == pytest.approx(max(e["metric"] for e in epochs))
-    assert [row["epoch"] for row in result.report.tables["distill"]] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in result.report.tables["distill"]] == list(range(1, 7))
     assert result.report.find("distill").modified
+
+
+def test_the_best_epoch_by_the_validation_metric_is_kept(digits):
+    data, model = digits
+    held_out = data.batches(32)[-6:]
+    epochs = []
+    student = pruned_and_distilled(
+        model,
+        data,
+        data.batches(32)[:-6],
+        epochs=3,
+        lr=1e-2,
+        validation=held_out,
+        callback=lambda epoch, gm, figures: epochs.append(figures),
+    ).module
+    metrics = [e["metric"] for e in epochs]
+    assert len(metrics) == 3 and top1_accuracy(student, held_out) == pytest.approx(max(metrics))
 
 
 def test_a_pruned_layer_is_compared_with_the_teachers_kept_channels(digits):
