@@ -30,17 +30,20 @@ __all__ = ["FreezeOptions", "freeze", "freeze_qparams"]
 
 @dataclass(frozen=True)
 class FreezeOptions:
-    """The weight scheme's engine and granularity."""
+    """The weight scheme's engine, granularity and range (``scheme_for``)."""
 
     engine: str = "x86"
     per_channel: bool = True
+    reduce_range: bool | None = None
 
 
 def freeze_qparams(
     gm: GraphModule, ctx: CompileContext, *, options: FreezeOptions = FreezeOptions()
 ) -> PassResult:
     """Turn the observed graph into the reference quantized graph (module docstring)."""
-    _, weight_scheme = scheme_for(options.engine, per_channel=options.per_channel)
+    _, weight_scheme = scheme_for(
+        options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
+    )
     average_buffers(gm)  # under torchrun, every rank's observers merged first
     changed = False
     for node in list(gm.graph.nodes):
@@ -79,14 +82,16 @@ def freeze_qparams(
     return PassResult(gm, modified=changed)
 
 
-def freeze(*, engine: str = "x86", per_channel: bool = True) -> Pass:
+def freeze(
+    *, engine: str = "x86", per_channel: bool = True, reduce_range: bool | None = None
+) -> Pass:
     """Fix the observed ranges as Q/DQ steps and quantize weights: the reference graph.
 
     Example::
 
         passes=[fuse(), observe(), calibrate(data), freeze()]
     """
-    options = FreezeOptions(engine, per_channel)
+    options = FreezeOptions(engine, per_channel, reduce_range)
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return freeze_qparams(gm, ctx, options=options)

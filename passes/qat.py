@@ -64,6 +64,7 @@ class QATOptions:
     per_channel: bool = True
     seed: int = 0
     progress: bool = True
+    reduce_range: bool | None = None
 
     def check(self) -> None:
         """Raise ``InputError`` naming the first option that is not usable."""
@@ -90,7 +91,9 @@ def _prepare(gm: GraphModule, options: QATOptions) -> tuple[list[FakeQuantize], 
     """Observers -> FakeQuantize, weighted layers on quantized inputs -> QATWeight, and a
     ``SharedGrid`` step after each op that rounds again on its input's grid (``freeze``
     puts its Q/DQ step there)."""
-    _, weight_scheme = scheme_for(options.engine, per_channel=options.per_channel)
+    _, weight_scheme = scheme_for(
+        options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
+    )
     fakes, layers = [], []
     for node in gm.graph.nodes:
         module = module_of(gm, node)
@@ -244,6 +247,7 @@ def qat(
         per_channel,
         seed,
         progress,
+        reduce_range,
     )
     options.check()
     if observer not in _OBSERVERS:
@@ -284,7 +288,7 @@ def qat(
             reduce_range=reduce_range,
         ),
         Pass("train_qat", train),
-        freeze(engine=engine, per_channel=per_channel),
+        freeze(engine=engine, per_channel=per_channel, reduce_range=reduce_range),
     ]
     if lower:
         steps.append(lower_pass(engine=engine))

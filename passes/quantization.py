@@ -45,6 +45,8 @@ def quantize(
     ``observer`` is ``mse`` (the default: L2 range search on a histogram), ``histogram``
     (percentile clipping), ``minmax`` or ``moving_average``; ``skip`` keeps
     layers in float by qualified module name, module type or op name ("add", "cat").
+    ``reduce_range`` overrides the engine's 7-bit scale (``scheme_for``): of activations for
+    x86/fbgemm/qnnpack, of weights for ort (by default on x86 CPUs without VNNI).
     ``target_sqnr`` (dB of the output against float on the calibration data) or
     ``max_accuracy_drop`` (points of ``eval_fn(model)``) turns on mixed precision: the
     layers that hurt most stay float until the target is met (``choose_precision``);
@@ -60,7 +62,7 @@ def quantize(
     if lower is None:
         lower = engine in KERNEL_ENGINES
     observers = ObserverOptions(engine, observer, tuple(skip), per_channel, reduce_range)
-    freezing = FreezeOptions(engine, per_channel)
+    freezing = FreezeOptions(engine, per_channel, reduce_range)
     steps = []
     if target_sqnr is not None or max_accuracy_drop is not None or eval_fn is not None:
         precision = PrecisionOptions(target_sqnr, max_accuracy_drop, eval_fn, latency_rounds)
@@ -74,7 +76,7 @@ def quantize(
             reduce_range=reduce_range,
         ),
         calibrate(calibration_data, progress=progress),
-        freeze(engine=engine, per_channel=per_channel),
+        freeze(engine=engine, per_channel=per_channel, reduce_range=reduce_range),
     ]
     if bias_correction:
         steps.append(correct_bias(calibration_data))

@@ -25,6 +25,7 @@ import fxcomp
 from fxcomp.backends import onnx_model
 from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.passes import fuse, observe, quantize
+from fxcomp.quant import scheme
 from tests.conftest import ResidualNet, randomize_batchnorm
 from tests.test_quantize_models import inputs, reestimated
 
@@ -79,7 +80,36 @@ def test_qdq_file_follows_the_scheme(net, batches, tmp_path, engine, dtype, zero
             assert next(a.i for a in weight.attribute if a.name == "axis") == 0
     parity = result.artifact.parity
     assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+    if engine == "tensorrt":  # Q/DQ evaluated as written: the reference graph's arithmetic
+        assert parity["sqnr_db_vs_reference"] > 60
     assert result.artifact.manifest["engine"] == engine
+
+
+def test_ort_weights_take_seven_bits_when_asked(net, batches, tmp_path):
+    passes = [fuse(), quantize(batches, engine="ort", reduce_range=True, progress=False)]
+    result = fxcomp.compile(net, batches[0], passes, backend="onnx", output_dir=tmp_path)
+    model = onnx.load(result.artifact.path)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    weights = [
+        constants[nodes[n.input[1]].input[0]] for n in model.graph.node if n.op_type == "Conv"
+    ]
+    assert len(weights) == 2 and max(int(np.abs(w).max()) for w in weights) == 64
+    parity = result.artifact.parity
+    assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_ort_weight_range_follows_the_cpu_unless_given(monkeypatch, saturates):
+    monkeypatch.setattr(scheme, "int8_dot_saturates", lambda: saturates)
+    one = torch.tensor(1.0)
+    scale = {
+        given: scheme.scheme_for("ort", reduce_range=given)[1].qparams(-one, one)[0].item()
+        for given in (None, True, False)
+    }
+    assert scale[True] == pytest.approx(1 / 63.5) and scale[False] == pytest.approx(1 / 127)
+    assert scale[None] == scale[saturates]
+    assert not scheme.scheme_for("tensorrt")[1].reduce_range  # TensorRT's rule: [-127, 127]
 
 
 def test_float_file_reproduces_the_model_with_a_dynamic_batch(net, tmp_path):

@@ -1,8 +1,9 @@
 """TorchScript backend: the lowered graph as a frozen ``.pt`` for fbgemm/x86 or qnnpack.
 
 The file carries a manifest (``fxcomp.json`` extra file): the engine its weights were
-packed for (packed weights run with their own kernels whatever engine is set when they
-run) and the input shapes it was specialised for. ``load`` makes the first call with
+packed for (torch packs them again when the file is loaded, for the engine set then, so
+``load`` sets this one: x86 kernels on full-range qnnpack activations saturate on CPUs
+without VNNI) and the input shapes it was specialised for. ``load`` makes the first call with
 those shapes, because the x86/oneDNN quantized convolution tunes itself
 to the first input shape it sees (another batch size runs slower afterwards). The file is
 written beside its final name, loaded back and verified, and only then renamed into place.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from fxcomp.backends.artifact import Artifact, expected_outputs
 from fxcomp.context import CompileContext
 from fxcomp.errors import BackendError, InputError
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.quant.scheme import deprecated_apis, packing_engine
+from fxcomp.quant.scheme import available_engines, deprecated_apis, packing_engine
 from fxcomp.verify import checked_parity
 
 __all__ = ["FILENAME", "check_options", "emit", "load", "script"]
@@ -111,15 +113,24 @@ def load(
         model = load(Path("out/model.pt"), input_shapes=[[8, 3, 224, 224]])
     """
     path = artifact.path if isinstance(artifact, Artifact) else Path(artifact)
-    files = {"fxcomp.json": ""}
     try:
-        with deprecated_apis():
-            module = torch.jit.load(str(path), _extra_files=files)
+        manifest = _manifest(path)
+        engine = manifest.get("engine")
+        if engine not in available_engines():
+            engine = torch.backends.quantized.engine
+        with deprecated_apis(), packing_engine(engine):
+            module = torch.jit.load(str(path))
     except Exception as err:
         raise BackendError(f"cannot load {path}: {err}") from err
-    manifest = json.loads(files["fxcomp.json"] or "{}")
     shapes = input_shapes or manifest.get("specialised_for") or []
     with torch.no_grad():
         if shapes:
             module(*(torch.zeros(shape) for shape in shapes))
     return module
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """The ``fxcomp.json`` extra file of a saved TorchScript archive ({} if it has none)."""
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/extra/fxcomp.json")]
+        return json.loads(archive.read(names[0]) or "{}") if names else {}

@@ -5,7 +5,10 @@ non-VNNI kernels cannot saturate), weights int8 symmetric per output channel.
 ``qnnpack``: activations uint8 affine over the full range, weights int8 symmetric per
 output channel restricted to [-127, 127]. ``tensorrt``: activations int8 symmetric with
 zero point 0, weights int8 symmetric per channel in [-127, 127]. ``ort`` (ONNX Runtime's
-CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``.
+CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``, with a
+7-bit scale (``reduce_range``, as ONNX Runtime's ``quantize_static`` means it) by default on
+x86 CPUs without VNNI, where its uint8 x int8 kernels add pairs of products in 16 bits and
+saturate on full-range weights.
 
 Example::
 
@@ -31,6 +34,7 @@ __all__ = [
     "QScheme",
     "available_engines",
     "deprecated_apis",
+    "int8_dot_saturates",
     "packing_engine",
     "scheme_for",
 ]
@@ -104,10 +108,22 @@ ENGINES: dict[str, Engine] = {
 }
 
 
+def int8_dot_saturates() -> bool:
+    """Whether this CPU's uint8 x int8 dot products saturate: x86 without VNNI (AVX2 and
+    AVX-512 ``vpmaddubsw`` add two products in 16 bits), where ONNX Runtime's and fbgemm's
+    int8 kernels need 7-bit weights or activations."""
+    caps = torch.cpu.get_capabilities()
+    vnni = ("avx512_vnni", "avx_vnni", "amx_int8")
+    return caps.get("architecture") == "x86_64" and not any(caps.get(k) for k in vnni)
+
+
 def scheme_for(
     engine: str, *, per_channel: bool = True, reduce_range: bool | None = None
 ) -> tuple[QScheme, QScheme]:
     """(activation scheme, weight scheme) for ``engine``; options override the defaults.
+    ``reduce_range`` is the 7-bit scale of uint8 activations, except for ``ort``, where, as
+    in ONNX Runtime's ``quantize_static``, it is that of the weights (by default on CPUs where
+    ``int8_dot_saturates``).
 
     Example::
 
@@ -119,7 +135,10 @@ def scheme_for(
         )
     chosen = ENGINES[engine]
     activation, weight = chosen.activation, chosen.weight
-    if reduce_range is not None and activation.dtype == torch.quint8:
+    if engine == "ort":
+        narrow = int8_dot_saturates() if reduce_range is None else reduce_range
+        weight = replace(weight, reduce_range=narrow)
+    elif reduce_range is not None and activation.dtype == torch.quint8:
         activation = replace(activation, reduce_range=reduce_range)
     if not per_channel:
         weight = replace(weight, per_channel=False)
