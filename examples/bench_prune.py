@@ -16,7 +16,7 @@ Measured per model:
 * float eager latency at batch 1 and 8 of the three models, timed interleaved (one call of
   each per round, ``--repeats`` rounds after warm-ups, under ``torch.no_grad``), medians in ms
   and the speed-up over the original;
-* time to build the dependency graph and to prune, on a fresh deep copy each time and
+* time to build the dependency graph and to prune, from the same model each time,
   interleaved over ``--prune-repeats`` rounds after one warm-up round (medians). For
   Torch-Pruning the graph is the pruner's construction and pruning is ``step()``; for fxcomp
   the graph is ``fxcomp.trace`` plus ``ChannelGraph.build(gm).groups()``, and pruning is the
@@ -91,11 +91,11 @@ def tp_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module
 
 
 def fxcomp_prune(model: nn.Module, x: torch.Tensor, ratio: float) -> tuple[nn.Module, dict]:
-    """fxcomp on a deep copy: the pruned GraphModule, its graph-build and prune seconds."""
+    """fxcomp: the pruned GraphModule, its graph-build and prune seconds (``compile`` and
+    ``trace`` copy the model themselves: it is never changed)."""
     passes = [fxcomp.passes.prune(ratio, importance="l2")]
-    result, total = seconds(lambda: fxcomp.compile(copy.deepcopy(model), x, passes=passes))
-    graph_copy = copy.deepcopy(model)
-    _, build = seconds(lambda: ChannelGraph.build(fxcomp.trace(graph_copy, x)).groups())
+    result, total = seconds(lambda: fxcomp.compile(model, x, passes=passes))
+    _, build = seconds(lambda: ChannelGraph.build(fxcomp.trace(model, x)).groups())
     return result.module, {"graph": build, "prune": total - build}
 
 
