@@ -14,8 +14,9 @@ Measured per model:
 * parameters and MACs of the original and both pruned models, all counted by
   ``tp.utils.count_ops_and_params`` at 1x3x224x224, and the ratio fxcomp / Torch-Pruning;
 * float eager latency at batch 1 and 8 of the three models, timed interleaved (one call of
-  each per round, ``--repeats`` rounds after warm-ups, under ``torch.no_grad``), medians in ms
-  and the speed-up over the original;
+  each per round, the order rotated every round, ``--repeats`` rounds after a warm-up round,
+  under ``torch.no_grad``; ``fxcomp.latency``), medians in ms and the speed-up over the
+  original;
 * time to build the dependency graph and to prune, from the same model each time,
   interleaved over ``--prune-repeats`` rounds after one warm-up round (medians). For
   Torch-Pruning the graph is the pruner's construction and pruning is ``step()``; for fxcomp
@@ -49,6 +50,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp.channels import ChannelGraph
+from fxcomp.latency import median_latency
 
 TOOLS = ("original", "torch-pruning", "fxcomp")
 
@@ -127,20 +129,11 @@ def check_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, li
     return shapes
 
 
-def latency_ms(
-    models: dict[str, nn.Module], batch: int, repeats: int, warmup: int = 3
-) -> dict[str, float]:
-    """Median ms per call of each model at ``batch``, timed round-robin over the models."""
+def latency_ms(models: dict[str, nn.Module], batch: int, repeats: int) -> dict[str, float]:
+    """Median ms per call of each model at ``batch`` (``fxcomp.latency``: one warm-up round,
+    then ``repeats`` rounds with the models' order rotated each round)."""
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {key: [] for key in models}
-    with torch.no_grad():
-        for model in models.values():
-            for _ in range(warmup):
-                model(x)
-        for _ in range(repeats):
-            for key, model in models.items():
-                times[key].append(seconds(lambda model=model: model(x))[1] * 1e3)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return {key: ms[0] for key, ms in median_latency(models, [(x,)], repeats).items()}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
