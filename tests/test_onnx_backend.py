@@ -107,7 +107,7 @@ def test_ort_weight_range_follows_the_cpu_unless_given(monkeypatch, saturates):
         given: scheme.scheme_for("ort", reduce_range=given)[1].qparams(-one, one)[0].item()
         for given in (None, True, False)
     }
-    assert scale[True] == pytest.approx(1 / 63.5) and scale[False] == pytest.approx(1 / 127)
+    assert scale[True] == pytest.approx(1 / 64) and scale[False] == pytest.approx(1 / 127)
     assert scale[None] == scale[saturates]
     assert not scheme.scheme_for("tensorrt")[1].reduce_range  # TensorRT's rule: [-127, 127]
 

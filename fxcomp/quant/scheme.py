@@ -5,8 +5,8 @@ non-VNNI kernels cannot saturate), weights int8 symmetric per output channel.
 ``qnnpack``: activations uint8 affine over the full range, weights int8 symmetric per
 output channel restricted to [-127, 127]. ``tensorrt``: activations int8 symmetric with
 zero point 0, weights int8 symmetric per channel in [-127, 127]. ``ort`` (ONNX Runtime's
-CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``, with a
-7-bit scale (``reduce_range``, as ONNX Runtime's ``quantize_static`` means it) by default on
+CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``, in
+[-64, 64] (``reduce_range``, as ONNX Runtime's ``quantize_static`` means it) by default on
 x86 CPUs without VNNI, where its uint8 x int8 kernels add pairs of products in 16 bits and
 saturate on full-range weights.
 
@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ __all__ = [
 class QScheme:
     """An integer grid: dtype, [qmin, qmax], symmetric or affine, per tensor or per channel.
 
-    With ``reduce_range`` the scale is chosen for half the grid (7 bits), as fbgemm's
-    non-VNNI kernels need, while values are still stored, and clamped, on the whole grid.
+    With ``reduce_range`` the scale is chosen for half the grid (7 bits; a symmetric grid
+    spans [-64, 64]), as non-VNNI int8 kernels need, while values are still stored, and
+    clamped, on the whole grid.
     """
 
     dtype: torch.dtype
@@ -72,7 +74,10 @@ class QScheme:
         )
         if self.symmetric:
             bound = torch.maximum(-lo, hi)
-            scale = torch.clamp(bound / ((qmax - qmin) / 2), min=eps)
+            levels = (qmax - qmin) / 2
+            if self.reduce_range:  # [-64, 64], as ONNX Runtime: 2 * 255 * 64 fits in 16 bits
+                levels = math.ceil(levels)
+            scale = torch.clamp(bound / levels, min=eps)
             centre = 0 if self.dtype == torch.qint8 else (qmin + qmax + 1) // 2
             zero_point = torch.full_like(scale, centre, dtype=torch.int64)
         else:
