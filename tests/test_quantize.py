@@ -275,6 +275,28 @@ def test_each_engine_emits_verified_torchscript(residual_net, image, tmp_path, e
     assert parity["sqnr_db_vs_float"] > 20 and parity["top1_agreement_vs_float"] == 1.0
 
 
+def test_an_artifact_loads_under_the_engine_it_was_packed_for(
+    residual_net, image, tmp_path, monkeypatch
+):
+    """torch packs the weights again when a file loads, for the engine set then: qnnpack's
+    full-range activations on x86 kernels saturate on CPUs without VNNI."""
+    from fxcomp.backends import torchscript
+    from fxcomp.quant.scheme import packing_engine
+
+    passes = [fuse(), quantize(batches(), engine="qnnpack", progress=False)]
+    path = fxcomp.compile(residual_net, image, passes, "torchscript", tmp_path).artifact.path
+    used = []
+
+    def recording(engine):
+        used.append(engine)
+        return packing_engine(engine)
+
+    monkeypatch.setattr(torchscript, "packing_engine", recording)
+    before = torch.backends.quantized.engine
+    torchscript.load(path)
+    assert used == ["qnnpack"] and torch.backends.quantized.engine == before
+
+
 def test_loading_a_corrupt_artifact_is_a_backend_error(tmp_path):
     from fxcomp.backends import torchscript
 
