@@ -93,6 +93,10 @@ class Engine:
     name: str
     activation: QScheme
     weight: QScheme
+    # What ``reduce_range`` narrows: uint8 activations (fbgemm's meaning) or, as ONNX
+    # Runtime's ``quantize_static`` means it, the weights, by default where
+    # ``int8_dot_saturates``.
+    narrows_weights: bool = False
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -109,7 +113,7 @@ ENGINES: dict[str, Engine] = {
     "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT),
     "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW),
     "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW),
-    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW),
+    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW, narrows_weights=True),
 }
 
 
@@ -126,9 +130,8 @@ def scheme_for(
     engine: str, *, per_channel: bool = True, reduce_range: bool | None = None
 ) -> tuple[QScheme, QScheme]:
     """(activation scheme, weight scheme) for ``engine``; options override the defaults.
-    ``reduce_range`` is the 7-bit scale of uint8 activations, except for ``ort``, where, as
-    in ONNX Runtime's ``quantize_static``, it is that of the weights (by default on CPUs where
-    ``int8_dot_saturates``).
+    ``reduce_range`` is the 7-bit scale of uint8 activations, or of the weights for engines
+    that ``narrows_weights`` (``ort``; by default on CPUs where ``int8_dot_saturates``).
 
     Example::
 
@@ -140,7 +143,7 @@ def scheme_for(
         )
     chosen = ENGINES[engine]
     activation, weight = chosen.activation, chosen.weight
-    if engine == "ort":
+    if chosen.narrows_weights:
         narrow = int8_dot_saturates() if reduce_range is None else reduce_range
         weight = replace(weight, reduce_range=narrow)
     elif reduce_range is not None and activation.dtype == torch.quint8:
