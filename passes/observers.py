@@ -5,8 +5,10 @@ Every node's quantization kind (``fxcomp.quant.ops``) is decided here and record
 weighted, binary, cat, hardswish and fixed-grid ops get an observer (one per producing
 edge, shared by its consumers), and so do their outputs; sigmoid-like ops get their
 kernel's fixed grid directly. Ops that keep their input's grid (pooling, ReLU, reshapes)
-stay quantized when their input is, and add nothing. Fused units from ``fuse`` are single
-nodes, so no observer sits between a conv and its ReLU.
+stay quantized when their input is, and add nothing; on engines whose runtimes give
+average pooling its own output grid (``ort``) it is observed as an own-grid op,
+``pooled``. Fused units from ``fuse`` are single nodes, so no observer sits between a conv
+and its ReLU.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from fxcomp.pass_manager import Pass, PassResult
 from fxcomp.quant.observers import OBSERVERS
 from fxcomp.quant.ops import SkipSpec, is_clamp, kind_of, tensor_inputs
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
+from fxcomp.quant.scheme import ENGINES, KERNEL_ENGINES, scheme_for
 
 __all__ = ["FLOAT_LAYERS", "ObserverOptions", "insert_observers", "observe"]
 
 # Layers that mixed precision chose to keep in float, skipped as ``skip`` names are.
 FLOAT_LAYERS = "fxcomp_float_layers"
 
-_OWN_GRID = ("weighted", "binary", "cat", "hardswish", "fixed")
+_OWN_GRID = ("weighted", "binary", "cat", "hardswish", "fixed", "pooled")
 # Quantized sigmoid/hardsigmoid kernels output this grid on uint8 engines.
 _FIXED_UINT8 = (torch.tensor(1.0 / 256), torch.tensor(0))
 
@@ -72,6 +74,7 @@ def insert_observers(
     activation, _ = scheme_for(
         options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
     )
+    pooled = ENGINES[options.engine].pools_on_own_grid
     make = OBSERVERS[options.observer]
     skip = (*options.skip, *gm.meta.get(FLOAT_LAYERS, ()))
     qdq = options.engine not in KERNEL_ENGINES  # exported as Q/DQ pairs (ONNX)
@@ -95,6 +98,8 @@ def insert_observers(
         if node in quantized:
             continue
         kind = kind_of(gm, node, skip)
+        if kind == "requant" and pooled:
+            kind = "pooled"
         if options.only_nodes is not None and node.name not in options.only_nodes:
             kind = "float" if kind in _OWN_GRID else kind  # grid-keeping ops follow inputs
         node.meta["fxcomp_quant"] = kind

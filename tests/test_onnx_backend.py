@@ -85,6 +85,27 @@ def test_qdq_file_follows_the_scheme(net, batches, tmp_path, engine, dtype, zero
     assert result.artifact.manifest["engine"] == engine
 
 
+@pytest.mark.parametrize(("engine", "own_grid"), [("ort", True), ("tensorrt", False)])
+def test_average_pooling_takes_its_own_grid_where_the_runtime_has_one(
+    net, batches, tmp_path, engine, own_grid
+):
+    # ONNX Runtime's QLinearGlobalAveragePool has an output scale of its own; the spatial
+    # mean of a ReLU map spans a far narrower range than the map, so its grid is finer
+    result = _compile(net, batches[0], engine, tmp_path, batches)
+    model = onnx.load(result.artifact.path)
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    pool = next(n for n in model.graph.node if n.op_type in ("ReduceMean", "GlobalAveragePool"))
+    before = producer[pool.input[0]]
+    after = next(n for n in model.graph.node if pool.output[0] in n.input)
+    assert before.op_type == "DequantizeLinear" and after.op_type == "QuantizeLinear"
+    scale_in, scale_out = (float(constants[n.input[1]]) for n in (before, after))
+    if own_grid:
+        assert scale_out < scale_in / 2
+    else:
+        assert scale_out == scale_in
+
+
 def test_ort_weights_take_seven_bits_when_asked(net, batches, tmp_path):
     passes = [fuse(), quantize(batches, engine="ort", reduce_range=True, progress=False)]
     result = fxcomp.compile(net, batches[0], passes, backend="onnx", output_dir=tmp_path)

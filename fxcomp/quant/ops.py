@@ -7,6 +7,8 @@
 * ``shared``: ops that run on quantized tensors exactly and keep the input's grid (max
   pooling, ReLU, clamps, reshapes, dropout in eval).
 * ``requant``: ops that keep the input's grid but round again (average pooling, mean).
+* ``pooled``: the same ops on engines that give them their own output grid
+  (``Engine.pools_on_own_grid``); ``insert_observers`` records it, ``kind_of`` never returns it.
 * ``query``: shape queries (``size``, ``dim``, ``numel``, ``.shape``), which read a
   quantized tensor as it is.
 * ``float``: everything else; it runs in float between a dequantize and a quantize.
@@ -30,7 +32,18 @@ from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
 __all__ = ["KINDS", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
 
-KINDS = ("weighted", "binary", "cat", "hardswish", "fixed", "shared", "requant", "query", "float")
+KINDS = (
+    "weighted",
+    "binary",
+    "cat",
+    "hardswish",
+    "fixed",
+    "shared",
+    "requant",
+    "pooled",
+    "query",
+    "float",
+)
 _QUERY_METHODS = {"size", "dim", "numel"}
 _QUERY_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 SkipSpec = str | type[nn.Module]

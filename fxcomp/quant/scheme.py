@@ -97,6 +97,10 @@ class Engine:
     # Runtime's ``quantize_static`` means it, the weights, by default where
     # ``int8_dot_saturates``.
     narrows_weights: bool = False
+    # Whether average pooling and mean get their own output grid (ONNX Runtime's
+    # QLinearAveragePool/QLinearGlobalAveragePool take an output scale of their own) instead
+    # of rounding again on their input's.
+    pools_on_own_grid: bool = False
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -113,7 +117,7 @@ ENGINES: dict[str, Engine] = {
     "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT),
     "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW),
     "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW),
-    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW, narrows_weights=True),
+    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW, narrows_weights=True, pools_on_own_grid=True),
 }
 
 
