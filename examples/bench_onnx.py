@@ -3,7 +3,7 @@
     python examples/bench_onnx.py --model resnet18 --model resnet50 --model mobilenet_v2
     python examples/bench_onnx.py --model resnet18 --batch 1 --batch 8 --json onnx.json
 
-Three ONNX files per torchvision model, all made from the same random-weight float model
+Four ONNX files per torchvision model, all made from the same random-weight float model
 (``weights=None``; BatchNorm statistics first re-estimated on the input distribution, as
 random weights otherwise give degenerate activations, exactly as
 ``examples/bench_quantize.py`` does):
@@ -11,6 +11,8 @@ random weights otherwise give degenerate activations, exactly as
 * float: ``fxcomp.compile(model, x, passes=[fuse()], backend="onnx")``;
 * fxcomp: ``fxcomp.compile(model, x, passes=[fuse(), quantize(calib, engine="ort")],
   backend="onnx", engine="ort")``: QDQ, uint8 activations, int8 per-channel weights;
+* fxcomp_bc: the same with ``quantize(..., bias_correction=True)`` (each layer's bias takes
+  off the mean output shift its weight rounding causes, measured on the same batches);
 * quantize_static: ONNX Runtime's ``quant_pre_process`` on the float file, then
   ``quantize_static`` in its fastest configuration here: ``QuantFormat.QDQ``, ``QUInt8``
   activations, ``QInt8`` weights, ``per_channel=True``, ``--calibrate-method`` (default
@@ -27,12 +29,12 @@ Measured per model:
 
 * latency of one ``session.run`` in ms at each ``--batch`` (input Bx3x224x224, default 1):
   every session comes from ``fxcomp.backends.onnx_model.load`` (CPU execution provider,
-  ``session.intra_op.allow_spinning`` = "0", so the three sessions in one process do not
+  ``session.intra_op.allow_spinning`` = "0", so the four sessions in one process do not
   steal each other's cores; ``--threads`` sets ``intra_op_num_threads``), each is warmed up
-  ``--warmup`` times at that batch size, then the three are timed round-robin for
+  ``--warmup`` times at that batch size, then the four are timed round-robin for
   ``--repeats`` rounds (the order rotated every round, so none always follows the float
   model's cache-flushing run); the table gives medians, the speed-up of each over float and
-  fxcomp's latency as a ratio of quantize_static's (lower is better);
+  each fxcomp file's latency as a ratio of quantize_static's (lower is better);
 * SQNR in dB of each quantized file's output against the float file's output on the
   held-out batches (``fxcomp.verify.sqnr``);
 * file sizes, and the operator counts of each file after ONNX Runtime's graph optimization
@@ -77,8 +79,9 @@ from fxcomp.batchnorm import reestimate_batchnorm
 from fxcomp.quant.scheme import int8_dot_saturates
 from fxcomp.verify import sqnr
 
-KINDS = ("float", "quantize_static", "fxcomp")
-QUANTIZED = ("quantize_static", "fxcomp")
+KINDS = ("float", "quantize_static", "fxcomp", "fxcomp_bc")
+QUANTIZED = ("quantize_static", "fxcomp", "fxcomp_bc")
+OURS = ("fxcomp", "fxcomp_bc")
 # Operators of the optimized graphs, first in the table in this order (then the others).
 OPS = (
     "QLinearConv",
@@ -112,17 +115,20 @@ def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
 def make_files(
     model: nn.Module, calibration: list[torch.Tensor], out: Path, method: str
 ) -> dict[str, Path]:
-    """The float file, ONNX Runtime's QDQ file and fxcomp's QDQ file."""
+    """The float file, ONNX Runtime's QDQ file and fxcomp's QDQ files."""
     x = calibration[0][:1]
     passes = [fxcomp.passes.fuse()]
-    float_file = fxcomp.compile(model, x, passes, "onnx", out / "float").artifact.path
-    passes = [
-        fxcomp.passes.fuse(),
-        fxcomp.passes.quantize(calibration, engine="ort", progress=False),
-    ]
-    ours = fxcomp.compile(model, x, passes, "onnx", out / "fxcomp", engine="ort").artifact.path
+    files = {"float": fxcomp.compile(model, x, passes, "onnx", out / "float").artifact.path}
+    for key, correct in (("fxcomp", False), ("fxcomp_bc", True)):
+        passes = [
+            fxcomp.passes.fuse(),
+            fxcomp.passes.quantize(
+                calibration, engine="ort", bias_correction=correct, progress=False
+            ),
+        ]
+        files[key] = fxcomp.compile(model, x, passes, "onnx", out / key, engine="ort").artifact.path
     prepared, peer = out / "float_preprocessed.onnx", out / "quantize_static.onnx"
-    quant_pre_process(str(float_file), str(prepared))
+    quant_pre_process(str(files["float"]), str(prepared))
     quantize_static(
         str(prepared),
         str(peer),
@@ -134,7 +140,8 @@ def make_files(
         reduce_range=int8_dot_saturates(),
         calibrate_method=CalibrationMethod[method],
     )
-    return {"float": float_file, "quantize_static": peer, "fxcomp": ours}
+    files["quantize_static"] = peer
+    return {key: files[key] for key in KINDS}
 
 
 def optimized_ops(path: Path, threads: int | None) -> dict[str, int]:
@@ -208,7 +215,7 @@ def latency_rows(r: dict) -> list[list[object]]:
                 batch,
                 *(f"{ms[k]:.2f}" for k in KINDS),
                 *(f"{ms['float'] / ms[k]:.2f}x" for k in QUANTIZED),
-                f"{ms['fxcomp'] / ms['quantize_static']:.3f}",
+                *(f"{ms[k] / ms['quantize_static']:.3f}" for k in OURS),
                 *(f"{r['sqnr_db'][k]:.2f}" for k in QUANTIZED),
             ]
         )
@@ -247,16 +254,20 @@ def report(results: list[dict]) -> None:
                 "float ms",
                 "quantize_static ms",
                 "fxcomp ms",
+                "fxcomp_bc ms",
                 "quantize_static speed-up",
                 "fxcomp speed-up",
+                "fxcomp_bc speed-up",
                 "fxcomp / quantize_static",
+                "fxcomp_bc / quantize_static",
                 f"quantize_static ({method}) SQNR dB",
                 "fxcomp SQNR dB",
+                "fxcomp_bc SQNR dB",
             ],
         ),
         (
             [size_row(r) for r in results],
-            ["model", "float MiB", "quantize_static MiB", "fxcomp MiB"],
+            ["model", *(f"{k} MiB" for k in KINDS)],
         ),
         (
             [row for r in results for row in ops_rows(r, columns)],
