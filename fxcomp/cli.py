@@ -78,7 +78,7 @@ def _passes(names: str, **options: Any) -> list[Any]:
     if "quantize" in chosen and "calibration_data" not in options:
         raise InputError("quantize needs calibration data", hint="use fxcomp compile --calib ...")
     wanted = {
-        "quantize": ("calibration_data", "engine", "observer"),
+        "quantize": ("calibration_data", "engine", "observer", "bias_correction"),
         "prune": ("ratio", "importance", "scope", "ignore", "round_to"),
         "sparsify": ("amount",),
         "quantize_dynamic": ("engine",),
@@ -170,6 +170,11 @@ _observer_option = click.option(
 @click.option("--amount", default=0.5, show_default=True, help="Share of weights sparsify zeroes.")
 @_observer_option
 @click.option(
+    "--bias-correction",
+    is_flag=True,
+    help="quantize: take each layer's mean output shift from weight rounding off its bias.",
+)
+@click.option(
     "--backend",
     type=click.Choice(["torchscript", "onnx", "mobile"]),
     default="torchscript",
@@ -213,6 +218,7 @@ def compile_command(
     amount: float,
     engine: str,
     observer: str,
+    bias_correction: bool,
     backend: str,
     mean: str | None,
     std: str | None,
@@ -250,6 +256,7 @@ def compile_command(
         calibration_data=data,
         engine=engine,
         observer=observer,
+        bias_correction=bias_correction,
         ratio=ratio,
         importance=importance,
         scope=scope,
@@ -319,7 +326,10 @@ def _mobile_options(
 
 
 def _trtexec(path: Path, shape: tuple[int, ...], engine: str, quantized: bool) -> str:
-    """The TensorRT command line that builds and times ``path`` (dynamic batch 1 to 32)."""
+    """The TensorRT command line that builds and times ``path`` (dynamic batch 1 to 32), or
+    why there is none: TensorRT takes int8 Q/DQ, not the ``ort`` scheme's uint8."""
+    if quantized and engine != "tensorrt":
+        return f"none: {engine}'s uint8 Q/DQ is for ONNX Runtime; use --engine tensorrt"
     dims = "x".join(str(d) for d in shape[1:])
     shapes = " ".join(
         f"--{kind}Shapes=input:{batch}x{dims}"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fxcomp.onnx_check import check
+
 EXAMPLE = Path(__file__).parent / "cli_models.py"
 
 
@@ -221,6 +223,41 @@ def test_compile_quantizes_to_torchscript_and_prints_a_summary(tmp_path):
     size = next(line for line in run.stdout.splitlines() if line.startswith("size "))
     assert float(size.split("(")[1].rstrip("x)")) >= 3.9
     assert "sqnr_db_vs_float" in run.stdout and "quantize" in run.stdout
+
+
+@pytest.mark.parametrize("engine", ["tensorrt", "ort"])
+def test_compile_to_onnx_checks_the_rules_and_prints_a_trtexec_line(tmp_path, engine):
+    out = tmp_path / "out"
+    run = fxcomp(
+        "compile",
+        "torchvision:resnet18",
+        "--input-shape",
+        "2,3,32,32",
+        "--passes",
+        "fuse,quantize",
+        "--bias-correction",
+        "--calib-batches",
+        "1",
+        "--engine",
+        engine,
+        "--backend",
+        "onnx",
+        "--latency-rounds",
+        "0",
+        "-o",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    path = out / "model.onnx"
+    assert check(path, engine).ok
+    assert "correct_bias, per layer:" in run.stdout
+    trtexec = next(line for line in run.stdout.splitlines() if line.startswith("trtexec"))
+    if engine == "tensorrt":
+        shapes = "--minShapes=input:1x3x32x32 --optShapes=input:2x3x32x32"
+        assert f"trtexec --onnx={path} --int8 --fp16 {shapes}" in trtexec
+        assert trtexec.endswith("--maxShapes=input:32x3x32x32")
+    else:
+        assert "none: ort's uint8 Q/DQ is for ONNX Runtime" in trtexec
 
 
 def test_compile_prunes_with_options_and_draws_the_importance(tmp_path):
