@@ -23,7 +23,7 @@ random weights otherwise give degenerate activations, exactly as
 
 Both quantizers calibrate on the same batches as ``bench_quantize.py``: ``--calib-batches``
 batches of 8 normal-noise images (the input distribution the BatchNorm statistics were
-estimated on), generator seed 1; two further batches of 8 are held out.
+estimated on), generator seed ``--seed`` (default 1); two further batches of 8 are held out.
 
 Measured per model:
 
@@ -178,7 +178,7 @@ def latency_ms(
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(args.seed)
     data = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(args.calib_batches + 2)]
     calibration, held_out = data[:-2], data[-2:]
     model = prepared_model(name, calibration)
@@ -287,6 +287,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs of each session")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 8")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the noise batches")
     parser.add_argument(
         "--calibrate-method",
         default="MinMax",
