@@ -80,8 +80,8 @@ from fxcomp.quant.scheme import int8_dot_saturates
 from fxcomp.verify import sqnr
 
 KINDS = ("float", "quantize_static", "fxcomp", "fxcomp_bc")
-QUANTIZED = ("quantize_static", "fxcomp", "fxcomp_bc")
-OURS = ("fxcomp", "fxcomp_bc")
+QUANTIZED = KINDS[1:]
+OURS = QUANTIZED[1:]
 # Operators of the optimized graphs, first in the table in this order (then the others).
 OPS = (
     "QLinearConv",
@@ -251,18 +251,11 @@ def report(results: list[dict]) -> None:
             [
                 "model",
                 "batch",
-                "float ms",
-                "quantize_static ms",
-                "fxcomp ms",
-                "fxcomp_bc ms",
-                "quantize_static speed-up",
-                "fxcomp speed-up",
-                "fxcomp_bc speed-up",
-                "fxcomp / quantize_static",
-                "fxcomp_bc / quantize_static",
+                *(f"{k} ms" for k in KINDS),
+                *(f"{k} speed-up" for k in QUANTIZED),
+                *(f"{k} / quantize_static" for k in OURS),
                 f"quantize_static ({method}) SQNR dB",
-                "fxcomp SQNR dB",
-                "fxcomp_bc SQNR dB",
+                *(f"{k} SQNR dB" for k in OURS),
             ],
         ),
         (

@@ -335,7 +335,7 @@ def _trtexec(path: Path, shape: tuple[int, ...], engine: str, quantized: bool) -
         f"--{kind}Shapes=input:{batch}x{dims}"
         for kind, batch in (("min", 1), ("opt", shape[0]), ("max", 32))
     )
-    precision = "--int8 --fp16" if quantized and engine == "tensorrt" else "--fp16"
+    precision = "--int8 --fp16" if quantized else "--fp16"
     return f"trtexec --onnx={path} {precision} {shapes}"
 
 

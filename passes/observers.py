@@ -74,7 +74,7 @@ def insert_observers(
     activation, _ = scheme_for(
         options.engine, per_channel=options.per_channel, reduce_range=options.reduce_range
     )
-    pooled = ENGINES[options.engine].pools_on_own_grid
+    pools_on_own_grid = ENGINES[options.engine].pools_on_own_grid
     make = OBSERVERS[options.observer]
     skip = (*options.skip, *gm.meta.get(FLOAT_LAYERS, ()))
     qdq = options.engine not in KERNEL_ENGINES  # exported as Q/DQ pairs (ONNX)
@@ -98,7 +98,7 @@ def insert_observers(
         if node in quantized:
             continue
         kind = kind_of(gm, node, skip)
-        if kind == "requant" and pooled:
+        if kind == "requant" and pools_on_own_grid:
             kind = "pooled"
         if options.only_nodes is not None and node.name not in options.only_nodes:
             kind = "float" if kind in _OWN_GRID else kind  # grid-keeping ops follow inputs
