@@ -11,7 +11,7 @@ weights). The peer's quantized Transformer fails in the encoder's fast path
 (``torch.backends.mha.set_fastpath_enabled(False)`` around each call): layer by layer, as
 fxcomp's converted model runs. Every model is timed as a Python module and in its
 deployable form, frozen TorchScript (fxcomp's ``backend="torchscript"`` artifact; the
-peer's model traced and frozen), all interleaved in this process (``fxcomp.latency``) at
+peer's model traced and frozen), all interleaved in this process (``fxcomp.runtime.latency``) at
 batch 1 and on the whole test set (450 images); the table gives medians, test accuracy, the
 output's cosine similarity to float and the serialized state size. Ratios are against the
 peer in the same form (Python or TorchScript).
@@ -27,15 +27,16 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from benchmarks_doc import publish
 from tabulate import tabulate
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import torchscript
-from fxcomp.digits import DigitsLSTM, DigitsTransformer, accuracy, load_digits_split, train
-from fxcomp.latency import median_latency
+from fxcomp.backends import BACKENDS
+from fxcomp.cli.digits import DigitsLSTM, DigitsTransformer, accuracy, load_digits_split, train
 from fxcomp.passes import quantize_dynamic
 from fxcomp.quant.scheme import deprecated_apis
+from fxcomp.runtime.latency import median_latency
 
 
 def state_bytes(model: nn.Module) -> int:
@@ -52,7 +53,7 @@ def frozen(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
 def fxcomp_artifact(model: nn.Module, x: torch.Tensor, passes: list) -> torch.jit.ScriptModule:
     with tempfile.TemporaryDirectory() as out:
         result = fxcomp.compile(model, x, passes=passes, backend="torchscript", output_dir=out)
-        return torchscript.load(result.artifact.path)
+        return BACKENDS["torchscript"].load(result.artifact.path)
 
 
 class SlowPath(nn.Module):
@@ -88,6 +89,9 @@ def peer(model: nn.Module) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
+    )
     args = parser.parse_args()
     data = load_digits_split()
     inputs = [(data.test_x[:1],), (data.test_x,)]
@@ -142,6 +146,8 @@ def main() -> None:
         "450 vs ao",
     ]
     print(tabulate(rows, headers=headers))
+    if args.write_docs:
+        publish("bench_dynamic", [(rows, headers)])
 
 
 if __name__ == "__main__":

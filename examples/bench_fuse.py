@@ -17,6 +17,7 @@ import warnings
 
 import torch
 import torchvision
+from benchmarks_doc import publish
 from tabulate import tabulate
 
 import fxcomp
@@ -53,10 +54,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="torchvision model (repeatable)")
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = [measure(name, args.repeats) for name in args.model or ["resnet50"]]
-    print(tabulate(rows, headers=["model", "fxcomp ms", "fuse_fx ms", "ratio"]))
+    headers = ["model", "fxcomp ms", "fuse_fx ms", "ratio"]
+    print(tabulate(rows, headers=headers))
+    if args.write_docs:
+        publish("bench_fuse", [(rows, headers)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ random weights otherwise give degenerate activations, exactly as
 
 * float: ``fxcomp.compile(model, x, passes=[fuse()], backend="onnx")``;
 * fxcomp: ``fxcomp.compile(model, x, passes=[fuse(), quantize(calib, engine="ort")],
-  backend="onnx", engine="ort")``: QDQ, uint8 activations, int8 per-channel weights;
+  backend="onnx")``: QDQ, uint8 activations, int8 per-channel weights;
 * fxcomp_bc: the same with ``quantize(..., bias_correction=True)`` (each layer's bias takes
   off the mean output shift its weight rounding causes, measured on the same batches);
 * quantize_static: ONNX Runtime's ``quant_pre_process`` on the float file, then
@@ -28,7 +28,7 @@ estimated on), generator seed ``--seed`` (default 1); two further batches of 8 a
 Measured per model:
 
 * latency of one ``session.run`` in ms at each ``--batch`` (input Bx3x224x224, default 1):
-  every session comes from ``fxcomp.backends.onnx_model.load`` (CPU execution provider,
+  every session comes from ``fxcomp.backends.onnx.backend.load`` (CPU execution provider,
   ``session.intra_op.allow_spinning`` = "0", so the four sessions in one process do not
   steal each other's cores; ``--threads`` sets ``intra_op_num_threads``), each is warmed up
   ``--warmup`` times at that batch size, then the four are timed round-robin for
@@ -36,7 +36,7 @@ Measured per model:
   model's cache-flushing run); the table gives medians, the speed-up of each over float and
   each fxcomp file's latency as a ratio of quantize_static's (lower is better);
 * SQNR in dB of each quantized file's output against the float file's output on the
-  held-out batches (``fxcomp.verify.sqnr``);
+  held-out batches (``fxcomp.runtime.parity.sqnr``);
 * file sizes, and the operator counts of each file after ONNX Runtime's graph optimization
   (the graph the CPU provider actually runs, dumped with ``optimized_model_filepath``): the
   QLinear*/QGemm nodes run in INT8, the rest in float; QuantizeLinear/DequantizeLinear left
@@ -62,6 +62,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import torchvision
+from benchmarks_doc import publish
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -74,10 +75,10 @@ from tabulate import tabulate
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import onnx_model
-from fxcomp.batchnorm import reestimate_batchnorm
+from fxcomp.backends.onnx import backend as onnx_model
+from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.quant.scheme import int8_dot_saturates
-from fxcomp.verify import sqnr
+from fxcomp.runtime.parity import sqnr
 
 KINDS = ("float", "quantize_static", "fxcomp", "fxcomp_bc")
 QUANTIZED = KINDS[1:]
@@ -126,7 +127,7 @@ def make_files(
                 calibration, engine="ort", bias_correction=correct, progress=False
             ),
         ]
-        files[key] = fxcomp.compile(model, x, passes, "onnx", out / key, engine="ort").artifact.path
+        files[key] = fxcomp.compile(model, x, passes, "onnx", out / key).artifact.path
     prepared, peer = out / "float_preprocessed.onnx", out / "quantize_static.onnx"
     quant_pre_process(str(files["float"]), str(prepared))
     quantize_static(
@@ -185,7 +186,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         files = make_files(model, calibration, work / name, args.calibrate_method)
-    sessions = {key: onnx_model.load(path, threads=args.threads) for key, path in files.items()}
+    sessions = {key: onnx_model.session(path, threads=args.threads) for key, path in files.items()}
     outputs = {
         key: torch.cat([onnx_model.run(s, (h,)) for h in held_out]) for key, s in sessions.items()
     }
@@ -242,7 +243,7 @@ def ops_rows(r: dict, columns: list[str]) -> list[list[object]]:
     ]
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict], write_docs: bool = False) -> None:
     method = results[0]["calibrate_method"]
     columns = op_columns(results)
     tables = [
@@ -267,6 +268,8 @@ def report(results: list[dict]) -> None:
             ["model", "file", "nodes", *columns],
         ),
     ]
+    if write_docs:
+        publish("bench_onnx", tables)
     for rows, headers in tables:
         align = ("left",) * 2 + ("right",) * (len(headers) - 2)
         print()
@@ -290,6 +293,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="intra_op_num_threads (default: ORT's)")
     parser.add_argument("--keep", help="write the ONNX files and optimized graphs here")
     parser.add_argument("--json", help="also write the numbers to this path")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
+    )
     args = parser.parse_args()
     args.batch = args.batch or [1]
     warnings.filterwarnings("ignore")
@@ -298,7 +304,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         results = [measure(name, args, work) for name in models]
-    report(results)
+    report(results, args.write_docs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -15,12 +15,12 @@ Measured per model:
   ``tp.utils.count_ops_and_params`` at 1x3x224x224, and the ratio fxcomp / Torch-Pruning;
 * float eager latency at batch 1 and 8 of the three models, timed interleaved (one call of
   each per round, the order rotated every round, ``--repeats`` rounds after a warm-up round,
-  under ``torch.no_grad``; ``fxcomp.latency``), medians in ms and the speed-up over the
+  under ``torch.no_grad``; ``fxcomp.runtime.latency``), medians in ms and the speed-up over the
   original;
 * time to build the dependency graph and to prune, from the same model each time,
   interleaved over ``--prune-repeats`` rounds after one warm-up round (medians). For
   Torch-Pruning the graph is the pruner's construction and pruning is ``step()``; for fxcomp
-  the graph is ``fxcomp.trace`` plus ``ChannelGraph.build(gm).groups()``, and pruning is the
+  the graph is ``fxcomp.ir.trace`` plus ``ChannelGraph.build(gm).groups()``, and pruning is the
   whole ``compile`` minus that. ``compile`` deep-copies the model (the caller's model is never
   changed) and Torch-Pruning prunes the model it is given in place, so the table also shows
   the time of a deep copy and the ratio against Torch-Pruning plus that copy: what a user who
@@ -45,12 +45,13 @@ from collections.abc import Callable
 import torch
 import torch_pruning as tp
 import torchvision
+from benchmarks_doc import publish
 from tabulate import tabulate
 from torch import nn
 
 import fxcomp
-from fxcomp.channels import ChannelGraph
-from fxcomp.latency import median_latency
+from fxcomp.pruning.graph import ChannelGraph
+from fxcomp.runtime.latency import median_latency
 
 TOOLS = ("original", "torch-pruning", "fxcomp")
 
@@ -130,7 +131,7 @@ def check_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, li
 
 
 def latency_ms(models: dict[str, nn.Module], batch: int, repeats: int) -> dict[str, float]:
-    """Median ms per call of each model at ``batch`` (``fxcomp.latency``: one warm-up round,
+    """Median ms per call of each model at ``batch`` (``fxcomp.runtime.latency``: one warm-up round,
     then ``repeats`` rounds with the models' order rotated each round)."""
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     return {key: ms[0] for key, ms in median_latency(models, [(x,)], repeats).items()}
@@ -184,7 +185,7 @@ def time_row(r: dict) -> list[object]:
     ]
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict], write_docs: bool = False) -> None:
     tables = [
         (
             [size_row(r) for r in results],
@@ -218,6 +219,8 @@ def report(results: list[dict]) -> None:
             ],
         ),
     ]
+    if write_docs:
+        publish("bench_prune", tables)
     for rows, headers in tables:
         align = ("left",) + ("right",) * (len(headers) - 1)
         print()
@@ -233,13 +236,16 @@ def main() -> None:
     parser.add_argument("--prune-repeats", type=int, default=5, help="graph/prune rounds")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", help="also write the numbers to this path")
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
+    )
     args = parser.parse_args()
     args.batch = args.batch or [1, 8]
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     results = [measure(name, args) for name in args.model or ["resnet50", "mobilenet_v2"]]
-    report(results)
+    report(results, args.write_docs)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

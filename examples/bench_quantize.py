@@ -23,13 +23,14 @@ from pathlib import Path
 
 import torch
 import torchvision
+from benchmarks_doc import publish
 from tabulate import tabulate
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import torchscript
-from fxcomp.batchnorm import reestimate_batchnorm
-from fxcomp.verify import sqnr
+from fxcomp.backends import BACKENDS
+from fxcomp.nn.batchnorm import reestimate_batchnorm
+from fxcomp.runtime.parity import sqnr
 
 
 def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
@@ -78,7 +79,7 @@ def measure(name: str, batches: list[int], rounds: int, work: Path) -> list[list
             x = held_out[0][:batch]
             peer = torch.jit.load(io.BytesIO(peer_bytes))
             peer(x)  # first call with this shape
-            ours = torchscript.load(ours_path, input_shapes=[list(x.shape)])
+            ours = BACKENDS["torchscript"].load(ours_path, input_shapes=[list(x.shape)])
             runs = {"float": model, "quantize_fx": peer, "fxcomp": ours}
             times: dict[str, list[float]] = {key: [] for key in runs}
             for fn in runs.values():
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--model", action="append")
     parser.add_argument("--batch", action="append", type=int)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument(
+        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     models = args.model or ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -137,6 +141,8 @@ def main() -> None:
     ]
     print()
     print(tabulate(rows, headers=headers))
+    if args.write_docs:
+        publish("bench_quantize", [(rows, headers)])
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def relu6_to_hardtanh(gm: GraphModule, ctx: CompileContext) -> None:
     """Replace every ReLU6 module with the equivalent Hardtanh(0, 6), in place."""
     for node in gm.graph.find_nodes(op="call_module"):
         if type(gm.get_submodule(str(node.target))) is nn.ReLU6:
-            fxcomp.graph.replace_module(gm, str(node.target), nn.Hardtanh(0.0, 6.0))
+            fxcomp.ir.graph.replace_module(gm, str(node.target), nn.Hardtanh(0.0, 6.0))
 
 
 def main() -> None:

@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxcomp
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.distributed import world
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.passes import distill, fuse, prune, qat
+from fxcomp.runtime.distributed import world
 
 
 def main() -> None:

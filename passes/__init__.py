@@ -1,7 +1,9 @@
-"""The built-in passes of fxcomp, imported as ``fxcomp.passes``.
+"""The built-in passes of fxcomp, imported as ``fxcomp.passes``: one name per pass.
 
-Each constructor returns a configured ``Pass``; ``BUILTIN`` maps the names the CLI accepts
-to the constructors.
+Each is a constructor taking keyword-only options and returning a ``Pass`` (or, for the
+passes made of steps, a ``Pipeline``) that carries its options; the report records them.
+The machinery behind the passes lives in ``fxcomp.nn``, ``fxcomp.quant`` and
+``fxcomp.pruning``. ``BUILTIN`` maps the names the CLI accepts to the constructors.
 
 Example::
 
@@ -11,70 +13,44 @@ Example::
 
 from types import MappingProxyType
 
-from fxcomp.passes.attention import UnpackOptions, unpack_attention, unpack_multihead_attention
+from fxcomp.passes.attention import unpack_attention
 from fxcomp.passes.bias_correction import correct_bias
-from fxcomp.passes.calibration import calibrate, run_calibration
-from fxcomp.passes.common_subexpressions import cse, eliminate_common_subexpressions
-from fxcomp.passes.dead_code import dce, eliminate_dead_code
-from fxcomp.passes.distillation import DistillOptions, distill, distill_student
-from fxcomp.passes.dynamic_quantization import DynamicOptions, quantize_dynamic
+from fxcomp.passes.common_subexpressions import cse
+from fxcomp.passes.dead_code import dce
+from fxcomp.passes.distillation import distill
+from fxcomp.passes.dynamic_quantization import quantize_dynamic
 from fxcomp.passes.equalization import equalize
-from fxcomp.passes.freezing import freeze, freeze_qparams
-from fxcomp.passes.fusion import FuseOptions, fuse, fuse_conv_bn_relu
-from fxcomp.passes.lowering import lower, lower_to_kernels
-from fxcomp.passes.observers import insert_observers, observe
-from fxcomp.passes.pruning import prune, prune_channels, pruning_plan, zero_channels
-from fxcomp.passes.qat import QATOptions, qat, train_quantization_aware
+from fxcomp.passes.fusion import fuse
+from fxcomp.passes.pruning import prune
+from fxcomp.passes.qat import qat
 from fxcomp.passes.quantization import quantize
 from fxcomp.passes.smoothing import smooth_quant
-from fxcomp.passes.sparsity import SparsifyOptions, sparsify, sparsify_weights
-from fxcomp.passes.weight_casting import HalfWeightLayer, cast_weights
-from fxcomp.passes.weight_sharing import SharedWeightLayer, ShareOptions, share_weights
+from fxcomp.passes.sparsity import sparsify
+from fxcomp.passes.weight_casting import cast_weights
+from fxcomp.passes.weight_sharing import share_weights
+from fxcomp.quant.pipeline import calibrate, freeze, lower, observe
 
 __all__ = [
     "BUILTIN",
-    "DistillOptions",
-    "DynamicOptions",
-    "FuseOptions",
-    "HalfWeightLayer",
-    "QATOptions",
-    "ShareOptions",
-    "SharedWeightLayer",
-    "SparsifyOptions",
-    "UnpackOptions",
     "calibrate",
     "cast_weights",
     "correct_bias",
     "cse",
     "dce",
     "distill",
-    "distill_student",
-    "eliminate_common_subexpressions",
-    "eliminate_dead_code",
     "equalize",
     "freeze",
-    "freeze_qparams",
     "fuse",
-    "fuse_conv_bn_relu",
-    "insert_observers",
     "lower",
-    "lower_to_kernels",
     "observe",
     "prune",
-    "prune_channels",
-    "pruning_plan",
     "qat",
     "quantize",
     "quantize_dynamic",
-    "run_calibration",
     "share_weights",
     "smooth_quant",
     "sparsify",
-    "sparsify_weights",
-    "train_quantization_aware",
     "unpack_attention",
-    "unpack_multihead_attention",
-    "zero_channels",
 ]
 
 BUILTIN = MappingProxyType(

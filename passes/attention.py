@@ -3,7 +3,7 @@
 Every ``nn.MultiheadAttention`` called in the graph (torchvision's ViT encoder layers,
 hand-written Transformer blocks; not one inside a leaf module such as
 ``nn.TransformerEncoderLayer``, which the graph does not see into) becomes fxcomp's
-``Attention`` (``fxcomp.attention``) with copies of its weights, put at the same qualified
+``Attention`` (``fxcomp.nn.attention``) with copies of its weights, put at the same qualified
 name, and its forward is inlined into the graph: the four projections are ordinary
 ``nn.Linear`` ``call_module`` nodes (``<name>.q_proj``, ...) that ``quantize``,
 ``quantize_dynamic`` and ``smooth_quant`` see, and the attention itself is one
@@ -39,12 +39,12 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from fxcomp.attention import Attention, conversion_refusal
-from fxcomp.context import CompileContext
-from fxcomp.errors import UnsupportedGraphError
-from fxcomp.graph import inline_graph, module_of, replace_module
-from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
+from fxcomp.ir.errors import UnsupportedGraphError
+from fxcomp.ir.graph import inline_graph, module_of, replace_module
+from fxcomp.ir.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
+from fxcomp.nn.attention import Attention, conversion_refusal
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["UnpackOptions", "unpack_attention", "unpack_multihead_attention"]
 
@@ -216,9 +216,11 @@ def unpack_multihead_attention(
     """Replace every MultiheadAttention call of ``gm`` by an inlined ``Attention``
     (module docstring)."""
     state = _State()
-    count = apply_rules(gm, ctx, _rules(options, state))
+    count = apply_rules(
+        gm, _rules(options, state), explain=ctx.explain, pass_name=ctx.state.current_pass
+    )
     if state.rows:
-        ctx.report.tables["unpack_attention"] = state.rows
+        ctx.state.report.tables["unpack_attention"] = state.rows
     return PassResult(gm, modified=count > 0)
 
 
@@ -244,4 +246,5 @@ def unpack_attention(*, skip: Sequence[str] = ()) -> Pass:
         run,
         run_before=("smooth_quant", "equalize", "quantize", "quantize_dynamic", "qat", "prune"),
         postcondition=converged,
+        options=options,
     )

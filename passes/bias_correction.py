@@ -17,21 +17,29 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.errors import InputError
-from fxcomp.fused import apply_weight
-from fxcomp.graph import module_of
-from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.ir.errors import InputError
+from fxcomp.ir.graph import module_of
+from fxcomp.nn.fused import apply_weight
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.quant.reference import QuantizedWeightLayer, fake_quantize
-from fxcomp.training import split_batch
+from fxcomp.runtime.training import split_batch
 
-__all__ = ["correct_bias", "correct_layer_biases"]
+__all__ = ["BiasCorrectionOptions", "correct_bias"]
+
+
+@dataclass(frozen=True)
+class BiasCorrectionOptions:
+    """The batches the output shifts are measured on (None: the compile's calibration data)."""
+
+    data: Iterable[Any] | None = None
 
 
 def _shift(layer: QuantizedWeightLayer, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +59,7 @@ def correct_layer_biases(
     gm: GraphModule, ctx: CompileContext, *, data: Iterable[Any] | None
 ) -> PassResult:
     """Subtract each quantized layer's mean rounding shift from its bias (module docstring)."""
-    data = data if data is not None else ctx.calibration_data
+    data = data if data is not None else ctx.config.calibration_data
     if data is None:
         raise InputError("correct_bias needs data to measure the shifts on")
     layers = {
@@ -92,9 +100,9 @@ def correct_layer_biases(
                 inner.bias.sub_(correction)
         rows.append({"layer": name, "largest_correction": f"{correction.abs().max():.3g}"})
     if rows:
-        ctx.report.tables["correct_bias"] = rows
+        ctx.state.report.tables["correct_bias"] = rows
         with torch.no_grad():
-            ctx.reference_outputs = gm(*ctx.example_inputs)
+            ctx.state.reference_outputs = gm(*ctx.config.example_inputs)
     return PassResult(gm, modified=bool(rows))
 
 
@@ -106,7 +114,9 @@ def correct_bias(data: Iterable[Any] | None = None) -> Pass:
         passes=[fuse(), observe(), calibrate(data), freeze(), correct_bias(data)]
     """
 
-    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
-        return correct_layer_biases(gm, ctx, data=data)
+    options = BiasCorrectionOptions(data)
 
-    return Pass("correct_bias", run, run_after=("freeze",), run_before=("lower",))
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return correct_layer_biases(gm, ctx, data=options.data)
+
+    return Pass("correct_bias", run, run_after=("freeze",), run_before=("lower",), options=options)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.context import CompileContext
-from fxcomp.fused import FusedModule
-from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.nn.fused import FusedModule
 from fxcomp.passes.dead_code import has_side_effects
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["cse", "eliminate_common_subexpressions"]
 

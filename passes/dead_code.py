@@ -11,8 +11,8 @@ import operator
 
 from torch.fx import GraphModule, Node
 
-from fxcomp.context import CompileContext
-from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["dce", "eliminate_dead_code", "has_side_effects"]
 

@@ -34,13 +34,14 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic.modules.rnn import PackedParameter
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.errors import InputError
-from fxcomp.graph import replace_module
-from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.ir.errors import InputError
+from fxcomp.ir.graph import replace_module
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
+from fxcomp.quant.config import QUANT_CONFIG, QuantConfig
 from fxcomp.quant.reference import weight_qparams
-from fxcomp.quant.scheme import KERNEL_ENGINES, QScheme, deprecated_apis, packing_engine
-from fxcomp.verify import sqnr
+from fxcomp.quant.scheme import ENGINES, QScheme, deprecated_apis, packing_engine
+from fxcomp.runtime.parity import sqnr
 
 __all__ = ["DynamicOptions", "quantize_dynamic", "quantize_dynamic_layers"]
 
@@ -49,18 +50,18 @@ _WEIGHT = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
 
 @dataclass(frozen=True)
 class DynamicOptions:
-    """Target engine, weight granularity and the layers left in float."""
+    """The graph's config: target engine, weight granularity and the layers (by name) left
+    in float."""
 
-    engine: str = "x86"
-    per_channel: bool = True
-    skip: tuple[str, ...] = ()
+    config: QuantConfig = QuantConfig()
 
     def check(self) -> None:
         """Raise ``InputError`` for an engine without dynamic kernels."""
-        if self.engine not in KERNEL_ENGINES:
+        if not self.config.target.kernels:
+            kernels = [name for name, engine in ENGINES.items() if engine.kernels]
             raise InputError(
-                f"quantize_dynamic runs fbgemm/qnnpack kernels; {self.engine!r} has none",
-                hint=f"use engine {' / '.join(KERNEL_ENGINES)}",
+                f"quantize_dynamic runs fbgemm/qnnpack kernels; {self.config.engine!r} has none",
+                hint=f"use engine {' / '.join(kernels)}",
             )
 
 
@@ -121,16 +122,17 @@ def quantize_dynamic_layers(
 ) -> PassResult:
     """Convert every Linear, LSTM and GRU of ``gm`` (module docstring)."""
     options.check()
+    config = options.config
     found = [
         (name, m)
         for name, m in gm.named_modules()
-        if type(m) in (nn.Linear, nn.LSTM, nn.GRU) and name not in options.skip
+        if type(m) in (nn.Linear, nn.LSTM, nn.GRU) and name not in config.skip
     ]
     rows = []
-    with packing_engine(options.engine), deprecated_apis():
+    with packing_engine(config.engine), deprecated_apis():
         for name, layer in found:
             convert = _linear if isinstance(layer, nn.Linear) else _recurrent
-            quantized, errors = convert(layer, options.per_channel)
+            quantized, errors = convert(layer, config.per_channel)
             replace_module(gm, name, quantized)
             rows.append(
                 {
@@ -148,8 +150,8 @@ def quantize_dynamic_layers(
             # path computes the same with the dynamic kernels
             module.activation_relu_or_gelu = 0
     if rows:
-        ctx.report.tables["quantize_dynamic"] = rows
-        gm.meta["fxcomp_engine"] = options.engine
+        ctx.state.report.tables["quantize_dynamic"] = rows
+        QUANT_CONFIG.set(gm, config)
     return PassResult(gm, modified=bool(rows))
 
 
@@ -162,10 +164,11 @@ def quantize_dynamic(
 
         passes=[quantize_dynamic(engine="x86")]
     """
-    options = DynamicOptions(engine, per_channel, tuple(skip))
+    options = DynamicOptions(QuantConfig(engine, per_channel=per_channel, skip=tuple(skip)))
     options.check()
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return quantize_dynamic_layers(gm, ctx, options=options)
 
-    return Pass("quantize_dynamic", run, run_after=("fuse", "prune", "distill", "unpack_attention"))
+    after = ("fuse", "prune", "distill", "unpack_attention")
+    return Pass("quantize_dynamic", run, run_after=after, options=options)

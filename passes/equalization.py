@@ -1,6 +1,6 @@
 """Cross-layer equalization: ``C(f(P(x))) -> C'(f(P'(x)))`` with equal per-channel ranges.
 
-For each pair of layers whose shared channels can be rescaled (``fxcomp.scaling``: a Conv
+For each pair of layers whose shared channels can be rescaled (``fxcomp.nn.scaling``: a Conv
 or Linear feeding one Conv or Linear through ReLU, pooling or a 1x1 flatten), channel
 ``c`` is scaled by ``s_c = sqrt(r1_c / r2_c)``, where ``r1_c`` is the largest magnitude in
 the producer's output channel ``c`` and ``r2_c`` in the consumer's input channel ``c``:
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.fused import weighted_layer
-from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.scaling import ScalePair, rescale_, scale_pairs
+from fxcomp.nn.fused import weighted_layer
+from fxcomp.nn.scaling import ScalePair, rescale_, scale_pairs
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["equalize", "equalize_layers", "pair_ranges"]
 
@@ -66,7 +66,7 @@ def equalize_layers(gm: GraphModule, ctx: CompileContext) -> PassResult:
             }
         )
     if rows:
-        ctx.report.tables["equalize"] = rows
+        ctx.state.report.tables["equalize"] = rows
     return PassResult(gm, modified=bool(rows))
 
 

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.batchnorm import fold_batchnorm_
-from fxcomp.context import CompileContext
-from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu
-from fxcomp.graph import CONVS, module_of, replace_module, target_name
-from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
+from fxcomp.ir.graph import CONVS, module_of, replace_module, target_name
+from fxcomp.ir.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
+from fxcomp.nn.batchnorm import fold_batchnorm_
+from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["FuseOptions", "fuse", "fuse_conv_bn_relu"]
 
@@ -219,7 +219,9 @@ def fuse_conv_bn_relu(
     gm: GraphModule, ctx: CompileContext, *, options: FuseOptions = FuseOptions()
 ) -> PassResult:
     """Fold BatchNorm into Conv/Linear and group ReLU with its producer (module docstring)."""
-    count = apply_rules(gm, ctx, _rules(gm, options))
+    count = apply_rules(
+        gm, _rules(gm, options), explain=ctx.explain, pass_name=ctx.state.current_pass
+    )
     if count:
         gm.delete_all_unused_submodules()
     return PassResult(gm, modified=count > 0)
@@ -244,4 +246,6 @@ def fuse(
         left = pending_rewrites(gm, _rules(gm, options))
         return f"rules still apply: {left}" if left else None
 
-    return Pass("fuse", run, run_before=("quantize", "qat"), postcondition=converged)
+    return Pass(
+        "fuse", run, run_before=("quantize", "qat"), postcondition=converged, options=options
+    )

@@ -1,26 +1,39 @@
 """Post-training static quantization: ``quantize = insert_observers, calibrate, freeze, lower``.
 
 The result is a graph of fbgemm/qnnpack quantized kernels for ``engine`` (``x86``,
-``fbgemm``, ``qnnpack``), or, for ``engine="tensorrt"`` (or ``lower=False``), the reference
-graph of float ops and Q/DQ steps that the ONNX backend exports.
+``fbgemm``, ``qnnpack``), or, for engines whose runtimes fuse Q/DQ steps themselves
+(``tensorrt``, ``ort``; or with ``lower=False``), the reference graph of float ops and Q/DQ
+steps that the ONNX backend exports. The options describing the target (engine, observer,
+per-channel weights, reduce range, skip) become the graph's one ``QuantConfig``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from fxcomp.pass_manager import Pipeline
 from fxcomp.passes.bias_correction import correct_bias
-from fxcomp.passes.calibration import calibrate
-from fxcomp.passes.freezing import FreezeOptions, freeze
-from fxcomp.passes.lowering import lower as lower_pass
-from fxcomp.passes.mixed_precision import EvalFn, PrecisionOptions, choose_precision
-from fxcomp.passes.observers import ObserverOptions, observe
+from fxcomp.pipeline.pass_manager import Pipeline
+from fxcomp.quant.config import QuantConfig
+from fxcomp.quant.mixed_precision import EvalFn, PrecisionOptions, choose_precision
 from fxcomp.quant.ops import SkipSpec
-from fxcomp.quant.scheme import KERNEL_ENGINES, scheme_for
+from fxcomp.quant.pipeline import calibrate, freeze, observe
+from fxcomp.quant.pipeline import lower as lower_step
 
-__all__ = ["quantize"]
+__all__ = ["QuantizeOptions", "quantize"]
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """What ``quantize`` was asked for: the graph's config and the steps around it."""
+
+    config: QuantConfig
+    calibration_data: Iterable[Any] | None
+    lower: bool
+    bias_correction: bool
+    precision: PrecisionOptions | None
+    progress: bool
 
 
 def quantize(
@@ -52,34 +65,25 @@ def quantize(
     layers that hurt most stay float until the target is met (``choose_precision``);
     ``latency_rounds`` then times float, all-INT8 and the mix as TorchScript.
     ``bias_correction`` subtracts the mean output shift weight rounding causes
-    (``correct_bias``).
+    (``correct_bias``). ``lower`` (by default for engines with kernels) lowers the reference
+    graph to fbgemm/qnnpack kernels.
 
     Example::
 
         fxcomp.compile(model, x, passes=[fxcomp.passes.fuse(), fxcomp.passes.quantize(loader)])
     """
-    scheme_for(engine)  # validates the engine name before any work
-    if lower is None:
-        lower = engine in KERNEL_ENGINES
-    observers = ObserverOptions(engine, observer, tuple(skip), per_channel, reduce_range)
-    freezing = FreezeOptions(engine, per_channel, reduce_range)
-    steps = []
+    config = QuantConfig(engine, observer, per_channel, reduce_range, tuple(skip))
+    lower = config.target.kernels if lower is None else lower
+    precision = None
     if target_sqnr is not None or max_accuracy_drop is not None or eval_fn is not None:
         precision = PrecisionOptions(target_sqnr, max_accuracy_drop, eval_fn, latency_rounds)
-        steps.append(choose_precision(calibration_data, precision, observers, freezing))
-    steps += [
-        observe(
-            engine=engine,
-            observer=observer,
-            skip=skip,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-        ),
-        calibrate(calibration_data, progress=progress),
-        freeze(engine=engine, per_channel=per_channel, reduce_range=reduce_range),
-    ]
+    options = QuantizeOptions(config, calibration_data, lower, bias_correction, precision, progress)
+    steps = []
+    if precision is not None:
+        steps.append(choose_precision(calibration_data, precision, config))
+    steps += [observe(config), calibrate(calibration_data, progress=progress), freeze()]
     if bias_correction:
         steps.append(correct_bias(calibration_data))
     if lower:
-        steps.append(lower_pass(engine=engine))
-    return Pipeline("quantize", steps, run_after=("fuse",))
+        steps.append(lower_step())
+    return Pipeline("quantize", steps, run_after=("fuse",), options=options)

@@ -1,7 +1,7 @@
 """SmoothQuant: ``C(f(P(x))) -> C'(f(P'(x)))`` with activation outliers moved into weights.
 
 For each producer whose output channels can be rescaled against its consumers
-(``fxcomp.scaling``: a Conv/Linear pair, or a LayerNorm feeding only Linear layers, the
+(``fxcomp.nn.scaling``: a Conv/Linear pair, or a LayerNorm feeding only Linear layers, the
 Transformer case ``LN -> q_proj, k_proj, v_proj`` after ``unpack_attention``, or
 ``LN -> fc1``), the consumers' input activations are measured on ``data`` and channel
 ``c`` is scaled by ``s_c = max|X_c|**alpha / max|W_c|**(1 - alpha)`` (Xiao et al.), ``X``
@@ -21,21 +21,31 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.errors import InputError
-from fxcomp.fused import weighted_layer
-from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.scaling import ScalePair, rescale_, scale_pairs
-from fxcomp.training import split_batch
+from fxcomp.ir.errors import InputError
+from fxcomp.nn.fused import weighted_layer
+from fxcomp.nn.scaling import ScalePair, rescale_, scale_pairs
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
+from fxcomp.runtime.training import split_batch
 
-__all__ = ["smooth_layers", "smooth_quant"]
+__all__ = ["SmoothOptions", "smooth_layers", "smooth_quant"]
 
 _FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class SmoothOptions:
+    """The batches the input ranges are measured on, and how much of each outlier moves
+    into the weights."""
+
+    data: Iterable[Any] | None = None
+    alpha: float = 0.5
 
 
 def _channel_ranges(layer: torch.nn.Module, x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -88,7 +98,7 @@ def smooth_layers(
     gm: GraphModule, ctx: CompileContext, *, data: Iterable[Any] | None, alpha: float
 ) -> PassResult:
     """Smooth every rescalable pair of ``gm`` on ``data`` (module docstring)."""
-    data = data if data is not None else ctx.calibration_data
+    data = data if data is not None else ctx.config.calibration_data
     if data is None:
         raise InputError("smooth_quant needs data to measure activations on")
     count = len(gm.graph.find_nodes(op="placeholder"))
@@ -113,7 +123,7 @@ def smooth_layers(
             }
         )
     if rows:
-        ctx.report.tables["smooth_quant"] = rows
+        ctx.state.report.tables["smooth_quant"] = rows
     return PassResult(gm, modified=bool(rows))
 
 
@@ -131,8 +141,15 @@ def smooth_quant(data: Iterable[Any] | None = None, *, alpha: float = 0.5) -> Pa
     """
     if not 0 <= alpha <= 1:
         raise InputError(f"smooth_quant alpha must be in [0, 1], got {alpha}")
+    options = SmoothOptions(data, alpha)
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
-        return smooth_layers(gm, ctx, data=data, alpha=alpha)
+        return smooth_layers(gm, ctx, data=options.data, alpha=options.alpha)
 
-    return Pass("smooth_quant", run, run_after=("fuse", "prune"), run_before=("quantize", "qat"))
+    return Pass(
+        "smooth_quant",
+        run,
+        run_after=("fuse", "prune"),
+        run_before=("quantize", "qat"),
+        options=options,
+    )

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.errors import InputError
-from fxcomp.fused import weighted_layer
-from fxcomp.pass_manager import Pass, PassResult
+from fxcomp.ir.errors import InputError
+from fxcomp.nn.fused import weighted_layer
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
 
 __all__ = ["SparsifyOptions", "lowest", "sparsify", "sparsify_weights", "weight_tensors"]
 
@@ -144,7 +144,7 @@ def sparsify_weights(
     gm: GraphModule, ctx: CompileContext, *, options: SparsifyOptions
 ) -> PassResult:
     """Zero ``options.amount`` of the Conv/Linear weights of ``gm`` in place; record the
-    sparsity of each layer in ``ctx.report.tables["sparsify"]``.
+    sparsity of each layer in ``ctx.state.report.tables["sparsify"]``.
 
     Example::
 
@@ -162,7 +162,7 @@ def sparsify_weights(
     for name, weight in layers.items():
         n, z = weight.numel(), int((weight.detach() == 0).sum())
         rows.append({"layer": name, "weights": n, "zeros": z, "sparsity": f"{z / n:.3f}"})
-    ctx.report.tables["sparsify"] = rows
+    ctx.state.report.tables["sparsify"] = rows
     zeros, total = sum(r["zeros"] for r in rows), sum(r["weights"] for r in rows)
     log.info("sparsify: %d of %d weights are zero in %d layers", zeros, total, len(rows))
     return PassResult(gm, modified)
@@ -182,4 +182,4 @@ def sparsify(
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
         return sparsify_weights(gm, ctx, options=options)
 
-    return Pass("sparsify", run, run_before=("quantize", "qat"))
+    return Pass("sparsify", run, run_before=("quantize", "qat"), options=options)

@@ -13,44 +13,29 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
-from fxcomp.context import CompileContext
-from fxcomp.errors import InputError
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
-from fxcomp.graph import module_of, replace_module
-from fxcomp.pass_manager import Pass, PassResult
-from fxcomp.verify import sqnr
+from fxcomp.ir.errors import InputError
+from fxcomp.ir.graph import module_of, replace_module
+from fxcomp.nn.fused import weighted_layer
+from fxcomp.nn.stored_weights import HalfWeightLayer
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
+from fxcomp.runtime.parity import sqnr
 
-__all__ = ["HalfWeightLayer", "cast_layer_weights", "cast_weights"]
+__all__ = ["CastOptions", "cast_weights"]
 
 DTYPES = (torch.float16, torch.bfloat16)
 
 
-class HalfWeightLayer(FusedModule):
-    """A Conv/Linear (fused with ReLU or not) whose weight is stored in 16 bits.
+@dataclass(frozen=True)
+class CastOptions:
+    """The 16-bit dtype weights are stored in."""
 
-    Example::
-
-        HalfWeightLayer(nn.Linear(4, 2), torch.float16)(torch.randn(3, 4))
-    """
-
-    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        inner = weighted_layer(layer)
-        if inner is None:
-            raise TypeError(f"cannot cast the weight of {type(layer).__name__}")
-        weight = inner.weight.detach().to(dtype)
-        self.relu = isinstance(layer, (ConvReLU, LinearReLU))
-        del inner.weight
-        self.layer = inner
-        self.register_buffer("weight", weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = apply_weight(self.layer, x, self.weight.to(x.dtype), self.layer.bias)
-        return torch.relu(y) if self.relu else y
+    dtype: torch.dtype = torch.float16
 
 
 def cast_layer_weights(gm: GraphModule, ctx: CompileContext, *, dtype: torch.dtype) -> PassResult:
@@ -76,7 +61,7 @@ def cast_layer_weights(gm: GraphModule, ctx: CompileContext, *, dtype: torch.dty
             }
         )
     if rows:
-        ctx.report.tables["cast_weights"] = rows
+        ctx.state.report.tables["cast_weights"] = rows
     return PassResult(gm, modified=bool(rows))
 
 
@@ -91,7 +76,9 @@ def cast_weights(dtype: torch.dtype = torch.float16) -> Pass:
     if dtype not in DTYPES:
         raise InputError(f"cast_weights takes float16 or bfloat16, got {dtype}")
 
-    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
-        return cast_layer_weights(gm, ctx, dtype=dtype)
+    options = CastOptions(dtype)
 
-    return Pass("cast_weights", run, run_after=("fuse", "prune", "distill"))
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return cast_layer_weights(gm, ctx, dtype=options.dtype)
+
+    return Pass("cast_weights", run, run_after=("fuse", "prune", "distill"), options=options)

@@ -13,15 +13,15 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 import fxcomp
 from fxcomp import CompileContext
-from fxcomp.passes import prune, pruning_plan, zero_channels
-from fxcomp.passes.pruning import PruneOptions
-from fxcomp.trace import propagate_shapes
+from fxcomp.ir.trace import propagate_shapes
+from fxcomp.passes import prune
+from fxcomp.pruning.plan import PruneOptions, pruning_plan, zero_channels
 
 
 @pytest.fixture(scope="module")
 def digits_calibrated():
     """The digits split, DigitsNet trained on it, and its training images as batches."""
-    from fxcomp.digits import DigitsNet, load_digits_split, train
+    from fxcomp.cli.digits import DigitsNet, load_digits_split, train
 
     data = load_digits_split()
     torch.manual_seed(0)
@@ -127,4 +127,4 @@ def image() -> torch.Tensor:
 
 @pytest.fixture
 def ctx(image: torch.Tensor) -> CompileContext:
-    return CompileContext(example_inputs=(image,))
+    return CompileContext.from_inputs((image,))

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import fxcomp
-from fxcomp.digits import accuracy
-from fxcomp.errors import InputError, PassError
+from fxcomp.cli.digits import accuracy
+from fxcomp.ir.errors import InputError, PassError
 from fxcomp.passes import fuse, quantize
 from fxcomp.quant.reference import QuantizedWeightLayer
-from fxcomp.verify import sqnr
+from fxcomp.runtime.parity import sqnr
 from tests.conftest import outlier_model
 
 LAYERS = ["stem.0", "conv", "down.0", "fc"]

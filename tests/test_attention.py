@@ -15,8 +15,8 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.attention import Attention, conversion_refusal
-from fxcomp.errors import InputError, PassError, PassOrderError
+from fxcomp.ir.errors import InputError, PassError, PassOrderError
+from fxcomp.nn.attention import Attention, conversion_refusal
 from fxcomp.passes import fuse, smooth_quant, unpack_attention
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
@@ -36,7 +36,7 @@ def _multihead_nodes(gm):
 
 def _second_run_is_a_no_op(gm, inputs):
     _, records = PassManager([unpack_attention()]).run(
-        gm, fxcomp.CompileContext(example_inputs=inputs)
+        gm, fxcomp.CompileContext.from_inputs(inputs)
     )
     return not records[0].modified
 
@@ -133,7 +133,7 @@ def test_unpack_vit_is_exact_and_idempotent():
     # a model without attention: nothing to do, and it says so
     plain = fxcomp.compile(nn.Sequential(nn.Linear(4, 4)), torch.randn(1, 4), passes=[fuse()])
     _, records = PassManager([unpack_attention()]).run(
-        plain.module, fxcomp.CompileContext(example_inputs=(torch.randn(1, 4),))
+        plain.module, fxcomp.CompileContext.from_inputs((torch.randn(1, 4),))
     )
     assert not records[0].modified
 

@@ -13,6 +13,7 @@ from torch import nn
 import fxcomp
 from fxcomp import PassManager
 from fxcomp.passes import cse, dce
+from fxcomp.passes.dead_code import eliminate_dead_code
 
 
 class Wasteful(nn.Module):
@@ -57,7 +58,7 @@ def test_cse_merges_repeated_work_then_dce_is_a_no_op():
 def test_second_runs_change_nothing():
     model, x = Wasteful().eval(), torch.randn(3, 4)
     gm = compile_with(model, x, cse(), dce()).module
-    ctx = fxcomp.CompileContext(example_inputs=(x,))
+    ctx = fxcomp.CompileContext.from_inputs((x,))
     _, records = PassManager([cse(), dce()]).run(gm, ctx)
     assert [r.modified for r in records] == [False, False]
 
@@ -126,5 +127,5 @@ def test_setitem_counts_as_a_side_effect():
     graph.call_function(operator.setitem, (x, 0, 0.0))
     graph.output(x)
     gm = torch.fx.GraphModule(nn.Module(), graph)
-    assert not fxcomp.passes.eliminate_dead_code(gm, fxcomp.CompileContext(())).modified
+    assert not eliminate_dead_code(gm, fxcomp.CompileContext.from_inputs(())).modified
     assert len(gm.graph.find_nodes(op="call_function", target=operator.setitem)) == 1

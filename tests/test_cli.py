@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fxcomp.onnx_check import check
+from fxcomp.backends.onnx.check import check
 
 EXAMPLE = Path(__file__).parent / "cli_models.py"
 
@@ -46,7 +46,7 @@ def test_table(resnet18_dumps):
 def test_code(resnet18_dumps):
     run = resnet18_dumps["code"]
     assert run.returncode == 0, run.stderr
-    assert "def forward(self, x" in run.stdout and "fxcomp_fused_add_relu(" in run.stdout
+    assert "def forward(self, x" in run.stdout and "fxcomp_nn_fused_add_relu(" in run.stdout
     compile(run.stdout, "<dump>", "exec")
 
 

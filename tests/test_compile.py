@@ -87,3 +87,77 @@ def test_result_module_is_a_runnable_graph_module(residual_net, image):
     result = fxcomp.compile(residual_net, (image,))
     assert isinstance(result.module, torch.fx.GraphModule) and result.artifact is None
     torch.testing.assert_close(result.module(image), residual_net(image), rtol=0, atol=0)
+
+
+def test_each_pass_records_its_options_in_report_json(residual_net, image, tmp_path):
+    from fxcomp.passes import prune, quantize
+
+    data = [torch.randn(2, *image.shape[1:]) for _ in range(2)]
+    passes = [fuse(), prune(0.25, ignore=["fc"]), quantize(data, engine="qnnpack", skip=["fc"])]
+    fxcomp.compile(residual_net, image, passes, output_dir=tmp_path)
+    records = {p["name"]: p for p in json.loads((tmp_path / "report.json").read_text())["passes"]}
+    fused = {"fold_batchnorm": True, "group_relu": True, "train_batchnorm": False}
+    assert records["fuse"]["options"] == fused
+    pruned = records["prune"]["options"]
+    assert pruned["ratio"] == 0.25 and pruned["ignore"] == ["fc"] and pruned["steps"] == 1
+    assert pruned["loss"] == "cross_entropy" and pruned["importance"] == "l2"
+    quantized = records["quantize"]["options"]
+    assert quantized["config"] == {
+        "engine": "qnnpack",
+        "observer": "mse",
+        "per_channel": True,
+        "reduce_range": None,
+        "skip": ["fc"],
+    }
+    assert quantized["calibration_data"] == "<list of 2>" and quantized["lower"] is True
+    steps = {c["name"]: c for c in records["quantize"]["children"]}
+    assert steps["insert_observers"]["options"]["config"]["engine"] == "qnnpack"
+    assert steps["calibrate"]["options"] == {"data": "<list of 2>", "progress": True}
+    assert records["trace"]["options"] is None
+
+
+def test_the_backend_refuses_the_passes_config_before_any_pass_runs(residual_net, image):
+    from fxcomp.passes import quantize
+
+    ran = []
+    spy = Pass("spy", lambda gm, ctx: ran.append(1))
+    for backend, engine in (("onnx", "x86"), ("torchscript", "tensorrt"), ("mobile", "fbgemm")):
+        passes = [spy, quantize([image], engine=engine, lower=False)]
+        with pytest.raises(BackendError, match=f"{backend} backend does not take .*'{engine}'"):
+            fxcomp.compile(residual_net, image, passes, backend, "unused")
+    assert ran == []
+
+
+def test_one_graph_takes_one_quantization_config(residual_net, image):
+    from fxcomp.passes import quantize, quantize_dynamic
+
+    passes = [quantize([image], engine="x86"), quantize_dynamic(engine="qnnpack")]
+    with pytest.raises(fxcomp.InputError, match="one graph, one quantization config"):
+        fxcomp.compile(residual_net, image, passes, "torchscript", "unused")
+
+
+def test_the_config_is_stored_once_on_the_graph_and_read_by_every_step(residual_net, image):
+    from fxcomp.passes import calibrate, freeze, lower, observe
+    from fxcomp.quant.config import QUANT_CONFIG
+
+    config = fxcomp.QuantConfig("qnnpack", observer="minmax", per_channel=False)
+    steps = [fuse(), observe(config), calibrate([image], progress=False), freeze(), lower()]
+    gm = fxcomp.compile(residual_net, image, steps).module
+    assert QUANT_CONFIG.get(gm) == config
+    conv = gm.get_submodule("conv")  # lowered for qnnpack, weights per tensor as configured
+    assert type(conv).__module__.startswith("torch.ao.nn.quantized")
+    assert conv.weight().qscheme() == torch.per_tensor_affine
+    other = fxcomp.QuantConfig("x86")
+    with pytest.raises(PassError, match="already quantized for .*qnnpack"):
+        fxcomp.passes.observe(other)(gm, fxcomp.CompileContext.from_inputs((image,)))
+
+
+def test_quant_config_is_checked_when_built():
+    with pytest.raises(fxcomp.InputError, match="unknown quantization engine 'tpu'"):
+        fxcomp.QuantConfig("tpu")
+    with pytest.raises(fxcomp.InputError, match="unknown observer 'max'"):
+        fxcomp.QuantConfig(observer="max")
+    with pytest.raises(fxcomp.InputError, match="skip=\\['fc'\\], not skip='fc'"):
+        fxcomp.QuantConfig(skip="fc")
+    assert fxcomp.QuantConfig("tensorrt").target.backends == ("onnx",)
+    assert not fxcomp.QuantConfig("ort").target.kernels

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fxcomp
-from fxcomp.backends import torchscript
+from fxcomp.backends import BACKENDS
 from fxcomp.passes import fuse, quantize
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "cpp"
@@ -58,5 +58,5 @@ def test_cpp_example_runs_an_int8_artifact(residual_net, tmp_path):
     count = torch.Size(shape).numel()
     x = (torch.arange(count, dtype=torch.float32).fmod(17) / 17.0 - 0.5).reshape(shape)
     with torch.no_grad():
-        python = torchscript.load(result.artifact.path)(x)
+        python = BACKENDS["torchscript"].load(result.artifact.path)(x)
     torch.testing.assert_close(cpp, python, rtol=0, atol=1e-6)

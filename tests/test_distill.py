@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import fxcomp
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.errors import InputError, PassError
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.ir.errors import InputError, PassError
 from fxcomp.passes import distill, fuse, prune, quantize
-from fxcomp.passes.pruning import KEPT_CHANNELS
-from fxcomp.training import top1_accuracy
+from fxcomp.pruning.apply import KEPT_CHANNELS
+from fxcomp.runtime.training import top1_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_the_best_epoch_by_the_validation_metric_is_kept(digits):
 def test_a_pruned_layer_is_compared_with_the_teachers_kept_channels(digits):
     data, model = digits
     gm = fxcomp.compile(model, data.test_x[:2], passes=[prune(0.5, steps=2)]).module
-    axis, kept = gm.meta[KEPT_CHANNELS]["stem_0"]
+    axis, kept = KEPT_CHANNELS.get(gm)["stem_0"]
     assert axis == 1 and len(kept) == 16 and kept == sorted(kept)
     x = data.test_x[:8]
     with torch.no_grad():  # the first conv sees the unpruned input: its kept rows are exact

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fxcomp import distributed
-from fxcomp.errors import InputError
+from fxcomp.ir.errors import InputError
+from fxcomp.runtime import distributed
 
 SCRIPT = Path(__file__).parent.parent / "examples" / "distributed_training.py"
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.digits import (
+from fxcomp.cli.digits import (
     DigitsLSTM,
     DigitsTransformer,
     DigitsViT,
@@ -22,7 +22,7 @@ from fxcomp.digits import (
     load_digits_split,
     train,
 )
-from fxcomp.errors import InputError
+from fxcomp.ir.errors import InputError
 from fxcomp.passes import quantize_dynamic, unpack_attention
 
 
@@ -72,7 +72,7 @@ def test_dynamic_int8_stays_close_to_float(data, make, epochs, lr, converted):
     rows = result.report.tables["quantize_dynamic"]
     assert all(float(row["weight_sqnr_db"]) > 35 for row in rows)
     _, records = PassManager([quantize_dynamic()]).run(
-        gm, fxcomp.CompileContext(example_inputs=(data.test_x[:1],))
+        gm, fxcomp.CompileContext.from_inputs((data.test_x[:1],))
     )
     assert not records[0].modified
 

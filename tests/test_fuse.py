@@ -12,7 +12,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu
+from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu
 from fxcomp.passes import fuse
 from tests.conftest import randomize_batchnorm, relative_error
 

@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 import fxcomp
-from fxcomp.batchnorm import reestimate_batchnorm
+from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -22,12 +22,13 @@ import torchvision
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import mobile
-from fxcomp.batchnorm import reestimate_batchnorm
-from fxcomp.bundle import FORMAT, MANIFEST, MODEL, SAMPLES
-from fxcomp.calibration_data import photo_crops
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.errors import BackendError, InputError
+from fxcomp.backends import BACKENDS
+from fxcomp.backends.mobile.backend import FILENAME
+from fxcomp.backends.mobile.bundle import FORMAT, MANIFEST, MODEL, SAMPLES
+from fxcomp.cli.calibration_data import photo_crops
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.ir.errors import BackendError, InputError
+from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
 DIGIT_LABELS = [str(d) for d in range(10)]
@@ -120,7 +121,7 @@ def test_optimize_for_mobile_is_used_where_xnnpack_exists(
 
 def test_float_bundle_reproduces_the_compiled_graph(residual_net, image, tmp_path):
     result = fxcomp.compile(residual_net, image, [fuse()], "mobile", tmp_path)
-    bundle = mobile.load(result.artifact)
+    bundle = BACKENDS["mobile"].load(result.artifact)
     assert bundle.manifest["engine"] is None
     assert {layer["precision"] for layer in bundle.manifest["layers"]} == {"float"}
     torch.testing.assert_close(bundle(image), result.module(image), rtol=1e-5, atol=1e-6)
@@ -149,7 +150,10 @@ def test_a_baked_batch_size_is_marked_fixed(tmp_path):
 @pytest.mark.parametrize(
     ("passes", "message"),
     [
-        (lambda x: [fuse(), quantize([x], engine="x86", progress=False)], "packed for 'x86'"),
+        (
+            lambda x: [fuse(), quantize([x], engine="x86", progress=False)],
+            "does not take graphs quantized for 'x86'",
+        ),
         (lambda x: [fuse(), qnnpack([x], lower=False)], "was not lowered"),
     ],
 )
@@ -158,6 +162,16 @@ def test_graphs_a_phone_cannot_run_are_refused_without_a_file(
 ):
     with pytest.raises(BackendError, match=message):
         fxcomp.compile(residual_net, image, passes(image), "mobile", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_graph_packed_for_x86_that_reaches_the_backend_is_refused(residual_net, image, tmp_path):
+    """compile refuses the request before any work; a graph that reaches the backend
+    anyway (passes that declare no config) is refused when it emits, with no file."""
+    passes = [fuse(), quantize([image], engine="x86", progress=False)]
+    gm = fxcomp.compile(residual_net, image, passes).module
+    with pytest.raises(BackendError, match="packed for 'x86'"):
+        BACKENDS["mobile"].emit(gm, fxcomp.CompileContext.from_inputs((image,)), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -173,7 +187,7 @@ def test_graphs_a_phone_cannot_run_are_refused_without_a_file(
 def test_options_that_do_not_fit_the_model(residual_net, image, tmp_path, options, message):
     with pytest.raises(InputError, match=message):
         fxcomp.compile(residual_net, image, [fuse()], "mobile", tmp_path, backend_options=options)
-    assert not (tmp_path / mobile.FILENAME).exists()
+    assert not (tmp_path / FILENAME).exists()
     with pytest.raises(TypeError, match="shape"):
         fxcomp.compile(residual_net, image, [], "mobile", tmp_path, backend_options={"shape": 1})
 
@@ -266,19 +280,19 @@ def test_cli_compiles_a_bundle_and_inspect_reruns_its_samples(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("zero\none\ntwo\n")
     compile_args = [
-        "compile", "fxcomp.digits:DigitsNet", "--input-shape", "1,1,8,8", "--calib", "digits",
+        "compile", "fxcomp.cli.digits:DigitsNet", "--input-shape", "1,1,8,8", "--calib", "digits",
         "--engine", "qnnpack", "--backend", "mobile", "--mean", "0", "--std", "1",
         "--labels", str(labels), "-o", str(tmp_path / "out"),
     ]  # fmt: skip
     run = _cli(*compile_args)
     assert run.returncode == 2, run.stderr
     assert "3 labels for an output of shape [1, 10]" in run.stderr
-    assert not (tmp_path / "out" / mobile.FILENAME).exists()
+    assert not (tmp_path / "out" / FILENAME).exists()
     labels.write_text("\n".join(f"digit {i}" for i in range(10)))
     run = _cli(*compile_args)
     assert run.returncode == 0, run.stderr
     assert "optimize_for_mobile skipped" in run.stdout
-    bundle = tmp_path / "out" / mobile.FILENAME
+    bundle = tmp_path / "out" / FILENAME
     run = _cli("inspect", str(bundle))
     assert run.returncode == 0, run.stderr
     assert re.search(r"engine +qnnpack", run.stdout)
@@ -298,7 +312,7 @@ def test_cli_refuses_a_kernel_engine_phones_do_not_run_before_any_work(tmp_path)
         "-o", str(tmp_path),
     )  # fmt: skip
     assert run.returncode == 2
-    assert "use --engine qnnpack with --backend mobile" in run.stderr
+    assert "quantize with engine qnnpack for the mobile backend" in run.stderr
     run = _cli("compile", "torchvision:resnet18", "--mean", "0.5", "-o", str(tmp_path))
     assert run.returncode == 2 and "apply to --backend mobile only" in run.stderr
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fxcomp.module_copy import copy_module
+from fxcomp.ir.module_copy import copy_module
 
 
 class Tied(nn.Module):

@@ -3,9 +3,9 @@ with the reference graph; clear errors and no partial file on bad input.
 
 Agreement: ONNX Runtime runs QDQ graphs with integer kernels (requantizing at every step, bias
 in int32), so its output differs from the reference graph's float arithmetic; that difference
-must stay below the noise quantization itself adds (``fxcomp.verify.check_against_reference``:
-SQNR against the reference at most 3 dB below the reference's SQNR against float). A float
-file must reproduce the float model at >= 80 dB.
+must stay below the noise quantization itself adds
+(``fxcomp.runtime.parity.check_against_reference``: SQNR against the reference at most 3 dB
+below the reference's SQNR against float). A float file must reproduce the float model at >= 80 dB.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import onnx_model
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.backends import BACKENDS
+from fxcomp.backends.onnx import backend as onnx_model
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.passes import fuse, observe, quantize
 from fxcomp.quant import scheme
 from tests.conftest import ResidualNet, randomize_batchnorm
@@ -34,7 +35,7 @@ def _compile(model, x, engine, tmp_path, calib=None):
     passes = [fuse()]
     if engine is not None:
         passes.append(quantize(calib or [x], engine=engine, progress=False))
-    return fxcomp.compile(model, x, passes, backend="onnx", output_dir=tmp_path, engine=engine)
+    return fxcomp.compile(model, x, passes, backend="onnx", output_dir=tmp_path)
 
 
 def _ops(path) -> collections.Counter:
@@ -137,7 +138,7 @@ def test_float_file_reproduces_the_model_with_a_dynamic_batch(net, tmp_path):
     x = torch.randn(2, 3, 16, 16)
     result = _compile(net, x, None, tmp_path)
     assert result.artifact.parity["sqnr_db_vs_float"] >= 80
-    session = onnx_model.load(result.artifact.path)
+    session = onnx_model.session(result.artifact.path)
     bigger = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         expected = result.module(bigger)
@@ -161,18 +162,28 @@ def test_int8_file_is_about_four_times_smaller(tmp_path, batches):
 
 def test_unfrozen_graph_is_refused_and_no_file_is_left(net, batches, tmp_path):
     with pytest.raises(fxcomp.BackendError, match="still an observer: the graph was not frozen"):
-        fxcomp.compile(
-            net, batches[0], [fuse(), observe(engine="tensorrt")], "onnx", tmp_path / "out"
-        )
+        passes = [fuse(), observe(fxcomp.QuantConfig("tensorrt"))]
+        fxcomp.compile(net, batches[0], passes, "onnx", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_kernel_engines_are_refused(net, batches, tmp_path):
-    with pytest.raises(fxcomp.BackendError, match="lowered fbgemm/qnnpack kernel"):
-        _compile(net, batches[0], "x86", tmp_path, batches)
-    passes = [fuse(), quantize(batches, engine="x86", lower=False, progress=False)]
-    with pytest.raises(fxcomp.BackendError, match="7-bit activations"):
-        fxcomp.compile(net, batches[0], passes, "onnx", tmp_path / "x86")
+    """compile refuses before any work (the passes' config against the backend); a graph
+    that reaches the backend anyway is refused when it emits."""
+    untraceable = nn.Sequential(nn.Flatten(), nn.Linear(1, 1))  # would fail in trace
+    for lower in (True, False):
+        passes = [fuse(), quantize(batches, engine="x86", lower=lower, progress=False)]
+        with pytest.raises(fxcomp.BackendError, match="does not take graphs quantized for 'x86'"):
+            fxcomp.compile(untraceable, batches[0], passes, "onnx", tmp_path / "x86")
+    assert not (tmp_path / "x86").exists()
+    backend = BACKENDS["onnx"]
+    for lower, message in ((True, "lowered fbgemm/qnnpack kernel"), (False, "7-bit activations")):
+        passes = [fuse(), quantize(batches, engine="x86", lower=lower, progress=False)]
+        gm = fxcomp.compile(net, batches[0], passes).module
+        ctx = fxcomp.CompileContext.from_inputs((batches[0],))
+        with pytest.raises(fxcomp.BackendError, match=message):
+            backend.emit(gm, ctx, tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_op_without_onnx_mapping_fails_cleanly(tmp_path):
@@ -208,7 +219,7 @@ def test_digits_int8_keeps_its_accuracy_in_onnx_runtime(tmp_path):
     for engine in ("ort", "tensorrt"):
         result = _compile(model, data.test_x[:8], engine, tmp_path / engine, calib)
         reference = accuracy(result.module, data.test_x, data.test_y)
-        session = onnx_model.load(result.artifact.path)
+        session = onnx_model.session(result.artifact.path)
         in_ort = accuracy(
             lambda x, session=session: onnx_model.run(session, (x,)), data.test_x, data.test_y
         )

@@ -1,4 +1,4 @@
-"""The QDQ rules linter (``fxcomp.onnx_check``) and ``fxcomp check``.
+"""The QDQ rules linter (``fxcomp.backends.onnx.check``) and ``fxcomp check``.
 
 fxcomp's own exports are clean for the engine they were made for; each rule, planted into an
 otherwise clean export (or a small hand-built graph), is reported once, on the right node;
@@ -23,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
 import fxcomp
-from fxcomp.errors import InputError
-from fxcomp.onnx_check import check
+from fxcomp.backends.onnx.check import check
+from fxcomp.ir.errors import InputError
 from fxcomp.passes import fuse, quantize
 from tests.conftest import ResidualNet, randomize_batchnorm
 
@@ -39,9 +39,7 @@ def _batches(shape: tuple[int, ...], count: int, seed: int) -> list[torch.Tensor
 
 def _export(model: torch.nn.Module, batches: list[torch.Tensor], engine: str, out: Path) -> Path:
     passes = [fuse(), quantize(batches, engine=engine, progress=False)]
-    result = fxcomp.compile(
-        model, batches[0], passes=passes, backend="onnx", output_dir=out, engine=engine
-    )
+    result = fxcomp.compile(model, batches[0], passes=passes, backend="onnx", output_dir=out)
     return result.artifact.path
 
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcomp
-from fxcomp.channels import ChannelGraph
-from fxcomp.passes import prune, pruning_plan
-from fxcomp.passes.pruning import PruneOptions
+from fxcomp.passes import prune
+from fxcomp.pruning.graph import ChannelGraph
+from fxcomp.pruning.plan import PruneOptions, pruning_plan
 from tests.conftest import oracle, randomize_batchnorm, relative_error
 
 

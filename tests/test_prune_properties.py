@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcomp
-from fxcomp.passes import prune, pruning_plan
-from fxcomp.passes.pruning import PruneOptions
+from fxcomp.passes import prune
+from fxcomp.pruning.plan import PruneOptions, pruning_plan
 from tests.conftest import oracle, randomize_batchnorm
 
 

@@ -14,8 +14,7 @@ import torch
 import torchvision
 
 import fxcomp
-from fxcomp.passes import pruning_plan
-from fxcomp.passes.pruning import PruneOptions
+from fxcomp.pruning.plan import PruneOptions, pruning_plan
 from tests.conftest import oracle
 from tests.test_torchvision_sweep import MODELS, TOO_LARGE, _non_degenerate
 

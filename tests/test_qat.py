@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import fxcomp
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.errors import InputError, PassError
-from fxcomp.fused import ConvBN
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.ir.errors import InputError, PassError
+from fxcomp.nn.fused import ConvBN
 from fxcomp.passes import fuse, qat, quantize
 from fxcomp.quant.fake_quant import FakeQuantize, QATWeight
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer

@@ -13,12 +13,12 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassError, PassManager
-from fxcomp.fused import ConvReLU, add_relu
+from fxcomp.nn.fused import ConvReLU, add_relu
 from fxcomp.passes import calibrate, freeze, fuse, lower, observe, quantize
 from fxcomp.quant import OBSERVERS, HistogramObserver, MinMaxObserver, MSEObserver, scheme_for
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
-from fxcomp.verify import sqnr
+from fxcomp.runtime.parity import sqnr
 
 ACTIVATION, WEIGHT = scheme_for("x86", reduce_range=False)
 
@@ -254,7 +254,7 @@ def test_shape_queries_read_the_quantized_tensor(image):
     [("x86", False), ("fbgemm", True), ("qnnpack", True), ("qnnpack", False)],
 )
 def test_each_engine_emits_verified_torchscript(residual_net, image, tmp_path, engine, per_channel):
-    from fxcomp.backends import torchscript
+    from fxcomp.backends import BACKENDS
 
     passes = [fuse(), quantize(batches(), engine=engine, per_channel=per_channel, progress=False)]
     result = fxcomp.compile(residual_net, image, passes, "torchscript", tmp_path)
@@ -267,7 +267,7 @@ def test_each_engine_emits_verified_torchscript(residual_net, image, tmp_path, e
     )
     if engine == "qnnpack":
         assert weight.int_repr().min() >= -127  # qnnpack's narrow weight range
-    loaded = torchscript.load(result.artifact.path, input_shapes=[[5, 3, 16, 16]])
+    loaded = BACKENDS["torchscript"].load(result.artifact.path, input_shapes=[[5, 3, 16, 16]])
     other = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(loaded(other), result.module(other), rtol=0, atol=1e-5)
@@ -280,7 +280,7 @@ def test_an_artifact_loads_under_the_engine_it_was_packed_for(
 ):
     """torch packs the weights again when a file loads, for the engine set then: qnnpack's
     full-range activations on x86 kernels saturate on CPUs without VNNI."""
-    from fxcomp.backends import torchscript
+    from fxcomp.backends import BACKENDS, torchscript
     from fxcomp.quant.scheme import packing_engine
 
     passes = [fuse(), quantize(batches(), engine="qnnpack", progress=False)]
@@ -293,17 +293,17 @@ def test_an_artifact_loads_under_the_engine_it_was_packed_for(
 
     monkeypatch.setattr(torchscript, "packing_engine", recording)
     before = torch.backends.quantized.engine
-    torchscript.load(path)
+    BACKENDS["torchscript"].load(path)
     assert used == ["qnnpack"] and torch.backends.quantized.engine == before
 
 
 def test_loading_a_corrupt_artifact_is_a_backend_error(tmp_path):
-    from fxcomp.backends import torchscript
+    from fxcomp.backends import BACKENDS
 
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a TorchScript archive")
     with pytest.raises(fxcomp.BackendError, match=f"cannot load {bad}"):
-        torchscript.load(bad)
+        BACKENDS["torchscript"].load(bad)
 
 
 def test_quantize_calibrates_on_the_compile_calibration_data(residual_net, image):

@@ -17,9 +17,9 @@ import torchvision
 from torch import nn
 
 import fxcomp
-from fxcomp.backends import torchscript
-from fxcomp.batchnorm import reestimate_batchnorm
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.backends import BACKENDS
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
 COVERAGE = [
@@ -58,7 +58,7 @@ def test_digits_int8_loses_at_most_half_a_point(digits, observer, tmp_path):
         output_dir=tmp_path,
     )
     float_accuracy = accuracy(model, data.test_x, data.test_y)
-    int8 = torchscript.load(result.artifact.path)
+    int8 = BACKENDS["torchscript"].load(result.artifact.path)
     assert float_accuracy > 95
     assert accuracy(int8, data.test_x, data.test_y) >= float_accuracy - 0.5
     assert accuracy(result.module, data.test_x, data.test_y) >= float_accuracy - 0.5
@@ -94,7 +94,7 @@ def test_torchvision_model_quantizes_and_runs_as_torchscript(name, tmp_path):
     parity = result.artifact.parity
     # what the kernels add is well within the noise quantization added
     assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] + 2
-    loaded = torchscript.load(result.artifact.path)
+    loaded = BACKENDS["torchscript"].load(result.artifact.path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(data[0]), gm(data[0]), rtol=0, atol=1e-5)
 

@@ -16,7 +16,7 @@ import torch
 
 import fxcomp
 from fxcomp.passes import fuse, quantize
-from fxcomp.verify import sqnr
+from fxcomp.runtime.parity import sqnr
 from tests.test_quantize_models import reestimated
 
 

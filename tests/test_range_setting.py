@@ -13,11 +13,11 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.digits import DigitsViT, accuracy, train
-from fxcomp.errors import InputError
+from fxcomp.cli.digits import DigitsViT, accuracy, train
+from fxcomp.ir.errors import InputError
+from fxcomp.nn.scaling import ScalePair, rescale_, scale_pairs
 from fxcomp.passes import equalize, fuse, quantize, smooth_quant, unpack_attention
-from fxcomp.scaling import ScalePair, rescale_, scale_pairs
-from fxcomp.verify import sqnr
+from fxcomp.runtime.parity import sqnr
 from tests.conftest import outlier_model, relative_error
 
 
@@ -58,7 +58,7 @@ def test_equalize_is_honest_about_modified(digits):
     data, model, _ = digits
     gm = fxcomp.compile(model, data.test_x[:1], passes=[fuse(), equalize()]).module
     _, records = PassManager([equalize()]).run(
-        gm, fxcomp.CompileContext(example_inputs=(data.test_x[:1],))
+        gm, fxcomp.CompileContext.from_inputs((data.test_x[:1],))
     )
     assert not records[0].modified
     with pytest.raises(InputError, match="alpha must be in"):

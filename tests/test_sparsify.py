@@ -19,7 +19,7 @@ from torch.nn.utils import prune
 
 import fxcomp
 from fxcomp import CompileContext, Pass, PassManager
-from fxcomp.fused import ConvReLU, weighted_layer
+from fxcomp.nn.fused import ConvReLU, weighted_layer
 from fxcomp.passes import fuse, quantize, sparsify
 from fxcomp.passes.sparsity import lowest, weight_tensors
 from tests.conftest import randomize_batchnorm
@@ -92,7 +92,7 @@ def zeros(t: torch.Tensor) -> int:
 
 def rerun(gm: GraphModule, *passes: Pass) -> bool:
     """Run ``passes`` on ``gm`` in place with a fresh context; whether they modified it."""
-    result, _ = PassManager(passes).run(gm, CompileContext((torch.zeros(1, 3, 8, 8),)))
+    result, _ = PassManager(passes).run(gm, CompileContext.from_inputs((torch.zeros(1, 3, 8, 8),)))
     return result.modified
 
 

@@ -53,7 +53,7 @@ def test_trace_and_fuse_keeps_the_output(name):
     left = {
         n.name
         for n in result.module.graph.nodes
-        if isinstance(fxcomp.graph.module_of(result.module, n), nn.modules.batchnorm._BatchNorm)
+        if isinstance(fxcomp.ir.graph.module_of(result.module, n), nn.modules.batchnorm._BatchNorm)
     }
     explained = {note.node for note in result.report.notes if note.rule == "fold_batchnorm"}
     assert left == explained

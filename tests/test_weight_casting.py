@@ -8,9 +8,10 @@ import torch
 import torchvision
 
 import fxcomp
-from fxcomp.graph import state_size
-from fxcomp.passes import HalfWeightLayer, cast_weights, fuse
-from fxcomp.verify import sqnr
+from fxcomp.ir.graph import state_size
+from fxcomp.nn.stored_weights import HalfWeightLayer
+from fxcomp.passes import cast_weights, fuse
+from fxcomp.runtime.parity import sqnr
 
 
 @pytest.mark.parametrize(("dtype", "min_db"), [(torch.float16, 55.0), (torch.bfloat16, 35.0)])

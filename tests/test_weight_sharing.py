@@ -11,9 +11,10 @@ import torch
 
 import fxcomp
 from fxcomp import PassManager
-from fxcomp.digits import DigitsNet, accuracy, load_digits_split, train
-from fxcomp.errors import InputError
-from fxcomp.passes import SharedWeightLayer, share_weights
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.ir.errors import InputError
+from fxcomp.nn.stored_weights import SharedWeightLayer
+from fxcomp.passes import share_weights
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_each_layer_computes_with_its_table(digits):
 
 
 def ctx_for(data):
-    return fxcomp.CompileContext(example_inputs=(data.test_x[:1],))
+    return fxcomp.CompileContext.from_inputs((data.test_x[:1],))
 
 
 def test_16_values_lose_at_most_a_point_in_about_half_the_int8_storage(digits):

@@ -31,7 +31,7 @@ import math
 import torch
 from torch import nn
 
-from fxcomp.fused import ConvBN, ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
+from fxcomp.nn.fused import ConvBN, ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import fake_quantize, weight_qparams
 from fxcomp.quant.scheme import QScheme

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcomp.graph import module_of
+from fxcomp.ir.graph import module_of
 
 __all__ = ["layer_schemes"]
 

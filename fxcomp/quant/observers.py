@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxcomp.distributed import all_reduce_
 from fxcomp.quant.scheme import QScheme
+from fxcomp.runtime.distributed import all_reduce_
 
 __all__ = [
     "OBSERVERS",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
+from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
 __all__ = ["KINDS", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
-from fxcomp.graph import module_of
+from fxcomp.ir.graph import module_of
+from fxcomp.nn.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
 from fxcomp.quant.ops import tensor_inputs
 from fxcomp.quant.scheme import QScheme
 

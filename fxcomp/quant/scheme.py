@@ -26,11 +26,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fxcomp.errors import InputError
+from fxcomp.ir.errors import InputError
 
 __all__ = [
     "ENGINES",
-    "KERNEL_ENGINES",
     "Engine",
     "QScheme",
     "available_engines",
@@ -88,11 +87,16 @@ class QScheme:
 
 @dataclass(frozen=True)
 class Engine:
-    """The schemes an engine's kernels expect for activations and weights."""
+    """The schemes an engine's kernels expect for activations and weights, whether fxcomp
+    lowers to its kernels itself (``kernels``: fbgemm/qnnpack, through ``lower``) or leaves
+    the reference graph's Q/DQ steps for a runtime to fuse, and which backends take graphs
+    quantized for it."""
 
     name: str
     activation: QScheme
     weight: QScheme
+    kernels: bool
+    backends: tuple[str, ...]
     # What ``reduce_range`` narrows: uint8 activations (fbgemm's meaning) or, as ONNX
     # Runtime's ``quantize_static`` means it, the weights, by default where
     # ``int8_dot_saturates``.
@@ -109,15 +113,16 @@ _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
 
-# Engines with fbgemm/qnnpack kernels to lower to; tensorrt's and ort's go to ONNX instead.
-KERNEL_ENGINES = ("x86", "fbgemm", "qnnpack")
+_TORCHSCRIPT, _MOBILE, _ONNX = ("torchscript",), ("torchscript", "mobile"), ("onnx",)
 
 ENGINES: dict[str, Engine] = {
-    "x86": Engine("x86", _UINT8_7BIT, _WEIGHT),
-    "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT),
-    "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW),
-    "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW),
-    "ort": Engine("ort", _UINT8, _WEIGHT_NARROW, narrows_weights=True, pools_on_own_grid=True),
+    "x86": Engine("x86", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
+    "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
+    "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW, True, _MOBILE),
+    "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW, False, _ONNX),
+    "ort": Engine(
+        "ort", _UINT8, _WEIGHT_NARROW, False, _ONNX, narrows_weights=True, pools_on_own_grid=True
+    ),
 }
 
 

@@ -1,0 +1,7 @@
+"""The mobile backend: a lite-interpreter program in a self-describing bundle.
+
+Example::
+
+    from fxcomp.backends.mobile.bundle import load_bundle
+    bundle = load_bundle("out/model.fxbundle")
+"""

@@ -1,0 +1,71 @@
+"""Latency side by side: models timed interleaved in one process, medians of many rounds.
+
+Timings on shared machines are noisy, so each round runs every model once on each input,
+and the median of the rounds is reported; compare models by their ratio, measured in the
+same call. Within a round the models take turns on one input before the next input, and
+their order rotates from round to round: a model that always ran right after another's
+large batch would pay for that batch's effect on the caches and clocks.
+
+Example::
+
+    ms = median_latency({"float": model, "int8": int8}, [(x,)], rounds=50)
+    ms["int8"][0] / ms["float"][0]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["describe_cpu", "median_latency"]
+
+# the instructions that decide which int8 kernels a CPU runs, as torch reports them
+_INT8_FEATURES = (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX"))
+
+
+def describe_cpu() -> str:
+    """The CPU's model name and its int8 dot-product instructions (every timing depends on
+    them: without VNNI the int8 kernels saturate or take 7-bit ranges).
+
+    Example::
+
+        describe_cpu()   # 'Intel(R) Xeon(R) Processor (AVX-512 VNNI, AMX, 2 cores)'
+    """
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    caps = torch.cpu.get_capabilities()
+    found = [label for key, label in _INT8_FEATURES if caps.get(key)]
+    if not found:
+        found = ["AVX2, no VNNI"] if caps.get("avx2") else ["no AVX2"]
+    return f"{name} ({', '.join(found)}, {os.cpu_count()} cores)"
+
+
+def median_latency(
+    models: Mapping[str, Callable[..., Any]], inputs: Sequence[tuple[Any, ...]], rounds: int
+) -> dict[str, list[float]]:
+    """Median milliseconds of each model on each input tuple, over ``rounds`` interleaved
+    rounds (one warm-up round first)."""
+    times: dict[str, list[list[float]]] = {name: [[] for _ in inputs] for name in models}
+    names = list(models)
+    with torch.no_grad():
+        for round_ in range(rounds + 1):
+            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+            for i, args in enumerate(inputs):
+                for name in order:
+                    start = time.perf_counter()
+                    models[name](*args)
+                    if round_:
+                        times[name][i].append((time.perf_counter() - start) * 1e3)
+    return {name: [statistics.median(t) for t in per] for name, per in times.items()}
