@@ -27,8 +27,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from benchmarks_doc import publish
-from tabulate import tabulate
+from benchmarks_doc import add_output_options, output, table
 from torch import nn
 
 import fxcomp
@@ -89,9 +88,7 @@ def peer(model: nn.Module) -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200)
-    parser.add_argument(
-        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
-    )
+    add_output_options(parser)
     args = parser.parse_args()
     data = load_digits_split()
     inputs = [(data.test_x[:1],), (data.test_x,)]
@@ -119,35 +116,22 @@ def main() -> None:
                 peer_name = "torch.ao (TorchScript)" if "TorchScript" in name else "torch.ao"
                 base = "float (TorchScript)" if "TorchScript" in name else "float"
                 cosine = F.cosine_similarity(reference, m(data.test_x)).min().item()
+                state = "-" if "TorchScript" in name else f"{state_bytes(m) / 1024:.1f}"
                 rows.append(
-                    [
-                        make.__name__,
-                        name,
-                        f"{accuracy(m, data.test_x, data.test_y):.2f}",
-                        f"{cosine:.5f}",
-                        "-" if "TorchScript" in name else f"{state_bytes(m) / 1024:.1f}",
-                        f"{ms[name][0]:.3f}",
-                        f"{ms[name][1]:.2f}",
-                        f"{ms[name][0] / ms[base][0]:.2f}",
-                        f"{ms[name][0] / ms[peer_name][0]:.2f}",
-                        f"{ms[name][1] / ms[peer_name][1]:.2f}",
-                    ]
+                    {
+                        "model": make.__name__,
+                        "quantized by": name,
+                        "accuracy %": f"{accuracy(m, data.test_x, data.test_y):.2f}",
+                        "min cosine": f"{cosine:.5f}",
+                        "state KiB": state,
+                        "batch 1 ms": f"{ms[name][0]:.3f}",
+                        "450 ms": f"{ms[name][1]:.2f}",
+                        "b1 vs float": f"{ms[name][0] / ms[base][0]:.2f}",
+                        "b1 vs ao": f"{ms[name][0] / ms[peer_name][0]:.2f}",
+                        "450 vs ao": f"{ms[name][1] / ms[peer_name][1]:.2f}",
+                    }
                 )
-    headers = [
-        "model",
-        "quantized by",
-        "accuracy %",
-        "min cosine",
-        "state KiB",
-        "batch 1 ms",
-        "450 ms",
-        "b1 vs float",
-        "b1 vs ao",
-        "450 vs ao",
-    ]
-    print(tabulate(rows, headers=headers))
-    if args.write_docs:
-        publish("bench_dynamic", [(rows, headers)])
+    output("bench_dynamic", args, [table(rows)], rows)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ import warnings
 
 import torch
 import torchvision
-from benchmarks_doc import publish
-from tabulate import tabulate
+from benchmarks_doc import add_output_options, output
 
 import fxcomp
 
@@ -54,16 +53,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="torchvision model (repeatable)")
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument(
-        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
-    )
+    add_output_options(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = [measure(name, args.repeats) for name in args.model or ["resnet50"]]
     headers = ["model", "fxcomp ms", "fuse_fx ms", "ratio"]
-    print(tabulate(rows, headers=headers))
-    if args.write_docs:
-        publish("bench_fuse", [(rows, headers)])
+    output("bench_fuse", args, [(rows, headers)], rows)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import statistics
 import tempfile
 import time
@@ -62,7 +61,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import torchvision
-from benchmarks_doc import publish
+from benchmarks_doc import add_output_options, output
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -71,7 +70,6 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from tabulate import tabulate
 from torch import nn
 
 import fxcomp
@@ -243,7 +241,7 @@ def ops_rows(r: dict, columns: list[str]) -> list[list[object]]:
     ]
 
 
-def report(results: list[dict], write_docs: bool = False) -> None:
+def tables_of(results: list[dict]) -> list[tuple[list[list[object]], list[str]]]:
     method = results[0]["calibrate_method"]
     columns = op_columns(results)
     tables = [
@@ -268,12 +266,7 @@ def report(results: list[dict], write_docs: bool = False) -> None:
             ["model", "file", "nodes", *columns],
         ),
     ]
-    if write_docs:
-        publish("bench_onnx", tables)
-    for rows, headers in tables:
-        align = ("left",) * 2 + ("right",) * (len(headers) - 2)
-        print()
-        print(tabulate(rows, headers=headers, disable_numparse=True, colalign=align))
+    return tables
 
 
 def main() -> None:
@@ -292,10 +285,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, help="intra_op_num_threads (default: ORT's)")
     parser.add_argument("--keep", help="write the ONNX files and optimized graphs here")
-    parser.add_argument("--json", help="also write the numbers to this path")
-    parser.add_argument(
-        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
-    )
+    add_output_options(parser)
     args = parser.parse_args()
     args.batch = args.batch or [1]
     warnings.filterwarnings("ignore")
@@ -304,10 +294,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         results = [measure(name, args, work) for name in models]
-    report(results, args.write_docs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    output("bench_onnx", args, tables_of(results), results)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 import warnings
@@ -45,8 +44,7 @@ from collections.abc import Callable
 import torch
 import torch_pruning as tp
 import torchvision
-from benchmarks_doc import publish
-from tabulate import tabulate
+from benchmarks_doc import add_output_options, output
 from torch import nn
 
 import fxcomp
@@ -185,7 +183,7 @@ def time_row(r: dict) -> list[object]:
     ]
 
 
-def report(results: list[dict], write_docs: bool = False) -> None:
+def tables_of(results: list[dict]) -> list[tuple[list[list[object]], list[str]]]:
     tables = [
         (
             [size_row(r) for r in results],
@@ -219,12 +217,7 @@ def report(results: list[dict], write_docs: bool = False) -> None:
             ],
         ),
     ]
-    if write_docs:
-        publish("bench_prune", tables)
-    for rows, headers in tables:
-        align = ("left",) + ("right",) * (len(headers) - 1)
-        print()
-        print(tabulate(rows, headers=headers, disable_numparse=True, colalign=align))
+    return tables
 
 
 def main() -> None:
@@ -235,20 +228,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30, help="latency rounds")
     parser.add_argument("--prune-repeats", type=int, default=5, help="graph/prune rounds")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--json", help="also write the numbers to this path")
-    parser.add_argument(
-        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
-    )
+    add_output_options(parser)
     args = parser.parse_args()
     args.batch = args.batch or [1, 8]
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     results = [measure(name, args) for name in args.model or ["resnet50", "mobilenet_v2"]]
-    report(results, args.write_docs)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    output("bench_prune", args, tables_of(results), results)
 
 
 if __name__ == "__main__":

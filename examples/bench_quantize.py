@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from benchmarks_doc import publish
+from benchmarks_doc import add_output_options, output, table
 from tabulate import tabulate
 from torch import nn
 
@@ -66,7 +66,7 @@ def median_ms(fn, x: torch.Tensor, rounds: list[float]) -> None:
     rounds.append((time.perf_counter() - start) * 1e3)
 
 
-def measure(name: str, batches: list[int], rounds: int, work: Path) -> list[list[object]]:
+def measure(name: str, batches: list[int], rounds: int, work: Path) -> list[dict[str, object]]:
     gen = torch.Generator().manual_seed(1)
     data = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(6)]
     model = prepared_model(name, data[:4])
@@ -95,20 +95,20 @@ def measure(name: str, batches: list[int], rounds: int, work: Path) -> list[list
                 for key in ("quantize_fx", "fxcomp")
             }
             rows.append(
-                [
-                    name,
-                    batch,
-                    f"{ms['float']:.2f}",
-                    f"{ms['quantize_fx']:.2f}",
-                    f"{ms['fxcomp']:.2f}",
-                    f"{ms['float'] / ms['quantize_fx']:.2f}x",
-                    f"{ms['float'] / ms['fxcomp']:.2f}x",
-                    f"{ms['fxcomp'] / ms['quantize_fx']:.2f}",
-                    f"{fidelity['quantize_fx']:.2f}",
-                    f"{fidelity['fxcomp']:.2f}",
-                ]
+                {
+                    "model": name,
+                    "batch": batch,
+                    "float ms": f"{ms['float']:.2f}",
+                    "quantize_fx ms": f"{ms['quantize_fx']:.2f}",
+                    "fxcomp ms": f"{ms['fxcomp']:.2f}",
+                    "peer speed-up": f"{ms['float'] / ms['quantize_fx']:.2f}x",
+                    "fxcomp speed-up": f"{ms['float'] / ms['fxcomp']:.2f}x",
+                    "fxcomp/peer": f"{ms['fxcomp'] / ms['quantize_fx']:.2f}",
+                    "peer SQNR dB": f"{fidelity['quantize_fx']:.2f}",
+                    "fxcomp SQNR dB": f"{fidelity['fxcomp']:.2f}",
+                }
             )
-            print(tabulate([rows[-1]]), flush=True)
+            print(tabulate([rows[-1]], headers="keys"), flush=True)
     return rows
 
 
@@ -117,9 +117,7 @@ def main() -> None:
     parser.add_argument("--model", action="append")
     parser.add_argument("--batch", action="append", type=int)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument(
-        "--write-docs", action="store_true", help="also put the tables in docs/benchmarks.md"
-    )
+    add_output_options(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     models = args.model or ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -127,22 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for name in models:
             rows += measure(name, args.batch or [1, 8], args.rounds, Path(work))
-    headers = [
-        "model",
-        "batch",
-        "float ms",
-        "quantize_fx ms",
-        "fxcomp ms",
-        "peer speed-up",
-        "fxcomp speed-up",
-        "fxcomp/peer",
-        "peer SQNR dB",
-        "fxcomp SQNR dB",
-    ]
-    print()
-    print(tabulate(rows, headers=headers))
-    if args.write_docs:
-        publish("bench_quantize", [(rows, headers)])
+    output("bench_quantize", args, [table(rows)], rows)
 
 
 if __name__ == "__main__":

@@ -43,15 +43,12 @@ def main() -> None:
     loader = DataLoader(
         TensorDataset(data.train_x, data.train_y), batch_size=args.batch_size, shuffle=True
     )
+    student = distill(model, loader, epochs=args.distill_epochs, lr=1e-2, alpha=0.5)
+    passes = [fuse(), prune(0.5), student, qat(loader, epochs=args.qat_epochs, lr=1e-3)]
     result = fxcomp.compile(
         model,
         data.test_x[:1],
-        passes=[
-            fuse(),
-            prune(0.5),
-            distill(model, loader, epochs=args.distill_epochs, lr=1e-2, alpha=0.5),
-            qat(loader, epochs=args.qat_epochs, lr=1e-3),
-        ],
+        passes,
         backend="torchscript",
         output_dir=args.out,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -33,8 +33,7 @@ from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.pruning.apply import KEPT_CHANNELS
 from fxcomp.runtime.distillation import DistillObjective, DistillOptions, report_rows
-from fxcomp.runtime.training import Callback, Metric, OptimizerFactory, TrainOptions, fit
-from fxcomp.runtime.training import top1_accuracy as default_metric
+from fxcomp.runtime.training import LoopOptions, TrainOptions, fit
 
 __all__ = ["DistillPassOptions", "distill"]
 
@@ -71,25 +70,22 @@ def distill(
     alpha: float = 0.7,
     features: Mapping[str, str] | None = None,
     feature_weight: float = 1.0,
-    optimizer: OptimizerFactory | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    validation: Iterable[Any] | None = None,
-    metric: Metric = default_metric,
-    callback: Callback | None = None,
-    seed: int = 0,
-    progress: bool = True,
+    **loop: Unpack[LoopOptions],
 ) -> Pass:
     """Distil ``teacher`` into the graph on ``data`` for ``epochs`` (module docstring).
 
-    ``optimizer`` makes the optimizer from a parameter list (Adam at ``lr`` by default);
     ``loss`` is the hard-label loss (cross-entropy); ``features`` maps student node names to
-    teacher node names.
+    teacher node names. The loop's keywords (``LoopOptions``): ``optimizer`` makes the
+    optimizer from a parameter list (Adam at ``lr`` by default); ``validation`` data and
+    ``metric`` keep the best epoch; ``callback(epoch, gm, figures)``; ``seed``;
+    ``progress``.
 
     Example::
 
         passes=[fuse(), prune(0.5), distill(model, batches, epochs=2, features={"add": "add"})]
     """
-    training = TrainOptions(epochs, lr, optimizer, validation, metric, callback, seed, progress)
+    training = TrainOptions.of("distill", epochs, lr, loop)
     options = DistillOptions(
         training, temperature, alpha, dict(features or {}), feature_weight, loss
     )

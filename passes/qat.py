@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -31,8 +31,7 @@ from fxcomp.quant.pipeline import freeze, observe
 from fxcomp.quant.pipeline import lower as lower_step
 from fxcomp.quant.qat import QAT_OBSERVERS, QATOptions, train_quantization_aware
 from fxcomp.runtime.distillation import DistillOptions
-from fxcomp.runtime.training import Callback, Metric, OptimizerFactory, TrainOptions
-from fxcomp.runtime.training import top1_accuracy as default_metric
+from fxcomp.runtime.training import LoopOptions, TrainOptions
 
 __all__ = ["QATPassOptions", "qat"]
 
@@ -64,20 +63,15 @@ def qat(
     teacher: nn.Module | None = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
-    optimizer: OptimizerFactory | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
-    validation: Iterable[Any] | None = None,
-    metric: Metric = default_metric,
-    callback: Callback | None = None,
-    seed: int = 0,
-    progress: bool = True,
+    **loop: Unpack[LoopOptions],
 ) -> Pipeline:
     """INT8 quantization-aware training for ``engine`` on ``data``, in place of ``quantize``.
 
     ``observer`` (``moving_average`` or ``minmax``) tracks each activation's range while it
     trains; ``ranges="learned"`` trains the scales instead. With a ``teacher`` the loss is
     distillation from it (``temperature``, ``alpha`` as in ``distill``). The other options
-    are ``quantize``'s and ``distill``'s.
+    are ``quantize``'s, and the loop's keywords are ``distill``'s (``LoopOptions``).
 
     Example::
 
@@ -89,7 +83,7 @@ def qat(
             hint="histogram and mse ranges are for calibration (quantize), not per batch",
         )
     config = QuantConfig(engine, observer, per_channel, reduce_range, tuple(skip))
-    training = TrainOptions(epochs, lr, optimizer, validation, metric, callback, seed, progress)
+    training = TrainOptions.of("qat", epochs, lr, loop)
     distillation = DistillOptions(training, temperature, alpha, loss=loss)
     options = QATOptions(distillation, teacher, ranges, freeze_bn_after, freeze_observers_after)
     options.check()

@@ -119,6 +119,72 @@ def test_unknown_ops_block_their_groups_by_name(x):
     assert "kept: 'roll': call_function torch.roll is not known to prune" in table
 
 
+@torch.fx.wrap
+def softsign_gate(x: torch.Tensor) -> torch.Tensor:
+    """An element-wise op fxcomp's channel rules do not know (a wrapped function)."""
+    return x / (1 + x.abs())
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(softsign_gate(self.mid(softsign_gate(self.bn(self.conv(x))))))
+
+
+def test_a_channel_rule_teaches_pruning_an_op_it_does_not_know(x):
+    from fxcomp.pruning.rules import channelwise
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Gated()).eval()
+    blocked = fxcomp.compile(model, x, passes=[prune(0.5)])
+    assert not blocked.report.find("prune").modified
+    assert "softsign_gate is not known to prune" in blocked.report.table("prune")
+    calls = []
+
+    def elementwise(graph, node):
+        calls.append(node.name)
+        return channelwise(graph, node)  # channel k in is channel k out
+
+    rules = {softsign_gate: elementwise}
+    result = oracle(model, x, channel_rules=rules)  # exact against the zeroed model
+    assert calls and result.report.find("prune").modified
+    assert result.module.get_submodule("conv").out_channels == 4
+    assert result.module.get_submodule("mid").out_channels == 4
+    recorded = next(r for r in result.report.to_dict()["passes"] if r["name"] == "prune")
+    assert recorded["options"]["channel_rules"] == {"softsign_gate": "elementwise"}
+
+
+def test_a_rule_that_refuses_blocks_with_its_reason_and_bad_rules_are_refused(x):
+    model = Gated().eval()
+    rules = {softsign_gate: lambda graph, node: "its channels are read as a whole"}
+    result = fxcomp.compile(model, x, passes=[prune(0.5, channel_rules=rules)])
+    assert not result.report.find("prune").modified
+    assert "'softsign_gate': its channels are read as a whole" in result.report.table("prune")
+    with pytest.raises(fxcomp.InputError, match="a rule is rule\\(graph, node\\)"):
+        prune(0.5, channel_rules={softsign_gate: "elementwise"})
+
+
+def test_importance_may_be_a_function_of_each_weight(x):
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Branches()).eval()
+    base = fxcomp.compile(model, x).module
+    cubed = pruning_plan(base, PruneOptions(0.5, importance=lambda w: w.abs() ** 3))
+    l1 = pruning_plan(base, PruneOptions(0.5, importance=lambda w: w.abs()))
+    named = pruning_plan(base, PruneOptions(0.5, importance="l1"))
+    as_sets = [{k: v.tolist() for k, v in p.removed().items()} for p in (cubed, l1, named)]
+    assert as_sets[1] == as_sets[2]  # |w| as a function is the "l1" importance
+    assert as_sets[0] != as_sets[1]  # and another function ranks otherwise
+    oracle(model, x, importance=lambda w: w.abs() ** 3)
+    with pytest.raises(fxcomp.InputError, match="gave \\(3,\\) for a weight of shape"):
+        pruning_plan(base, PruneOptions(0.5, importance=lambda w: torch.ones(3)))
+
+
 def test_ratio_zero_is_the_identity_and_second_run_is_honest(x, ctx):
     torch.manual_seed(0)
     model = randomize_batchnorm(Branches()).eval()

@@ -37,7 +37,16 @@ class FusedModule(OpaqueModule):
     """Base of fxcomp's fused units; fxcomp's tracer keeps them as single nodes."""
 
 
-class ConvReLU(FusedModule):
+class _LayerReLU(FusedModule):
+    """``relu(layer(x))``; the layer is held under the attribute ``held`` names."""
+
+    held = ""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(getattr(self, self.held)(x))
+
+
+class ConvReLU(_LayerReLU):
     """``relu(conv(x))`` for a Conv1d, Conv2d or Conv3d.
 
     Example::
@@ -45,28 +54,21 @@ class ConvReLU(FusedModule):
         ConvReLU(nn.Conv2d(3, 8, 3))(torch.randn(1, 3, 8, 8))
     """
 
+    held = "conv"
+
     def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__()
         self.conv = conv
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
 
+class LinearReLU(_LayerReLU):
+    """``relu(linear(x))``. Example: ``LinearReLU(nn.Linear(4, 2))(torch.randn(3, 4))``."""
 
-class LinearReLU(FusedModule):
-    """``relu(linear(x))``.
-
-    Example::
-
-        LinearReLU(nn.Linear(4, 2))(torch.randn(3, 4))
-    """
+    held = "linear"
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.linear = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.linear(x))
 
 
 class ConvBN(FusedModule):

@@ -24,6 +24,11 @@ __all__ = ["Note", "PassRecord", "Report", "describe_options"]
 _LISTED = 8  # items of a sequence of plain values listed one by one in a record's options
 
 
+def _key(key: Any) -> str:
+    """A mapping key as a JSON key: a function or class by its name."""
+    return key if isinstance(key, str) else getattr(key, "__name__", None) or str(key)
+
+
 def _plain(value: Any) -> bool:
     """A value a record lists as it is: not data (tensors, batches, data sets)."""
     return value is None or isinstance(value, bool | int | float | str | type) or callable(value)
@@ -48,7 +53,7 @@ def describe_options(options: Any) -> Any:
         fields = dataclasses.fields(options)
         return {f.name: describe_options(getattr(options, f.name)) for f in fields if f.repr}
     if isinstance(options, Mapping):
-        return {str(key): describe_options(value) for key, value in options.items()}
+        return {_key(key): describe_options(value) for key, value in options.items()}
     if isinstance(options, torch.Tensor):
         return f"tensor{list(options.shape)}"
     if isinstance(options, torch.dtype):
@@ -56,7 +61,7 @@ def describe_options(options: Any) -> Any:
     if isinstance(options, torch.nn.Module):
         return f"<{type(options).__name__}>"
     if isinstance(options, type | Callable):
-        return getattr(options, "__qualname__", None) or f"<{type(options).__name__}>"
+        return getattr(options, "__name__", None) or f"<{type(options).__name__}>"
     if isinstance(options, tuple | list) and len(options) <= _LISTED and all(map(_plain, options)):
         return [describe_options(item) for item in options]
     size = len(options) if hasattr(options, "__len__") else None

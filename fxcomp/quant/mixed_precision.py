@@ -96,7 +96,7 @@ def _latency_rows(
     mixes = {"all INT8": ()} | ({f"{len(chosen)} float": tuple(chosen)} if chosen else {})
     for name, skip in mixes.items():
         trial = replace(config, skip=(*config.skip, *skip))
-        reference = quantize_copy(gm, inputs, data, trial)
+        reference = quantize_copy(gm, trial, data, inputs)
         scratch = CompileContext.from_inputs(inputs)
         lowered = lower_to_kernels(reference, scratch).graph_module
         models[name] = script(lowered, inputs, config.engine)
@@ -128,7 +128,7 @@ def choose_float_layers(
 
     def figure(skip: tuple[str, ...]) -> float:
         trial = replace(config, skip=(*config.skip, *skip))
-        reference = quantize_copy(gm, ctx.config.example_inputs, data, trial)
+        reference = quantize_copy(gm, trial, data, ctx.config.example_inputs)
         if options.eval_fn is not None:
             return options.eval_fn(reference)
         return sqnr(expected, flat_outputs(reference, batches))

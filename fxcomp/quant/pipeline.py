@@ -5,7 +5,7 @@ all run through the pass manager, with its checks.
 Example::
 
     passes=[fuse(), observe(QuantConfig("x86")), calibrate(loader), freeze(), lower()]
-    reference = quantize_copy(fused, (x,), batches, QuantConfig("tensorrt"))
+    reference = quantize_copy(fused, QuantConfig("tensorrt"), batches, (x,))
 """
 
 from __future__ import annotations
@@ -84,18 +84,19 @@ def lower() -> Pass:
 
 def quantize_copy(
     floating: GraphModule,
-    example_inputs: tuple[Any, ...],
-    data: Iterable[Any],
     config: QuantConfig,
+    data: Iterable[Any],
+    example_inputs: tuple[Any, ...],
     *,
     only_nodes: Iterable[str] | None = None,
 ) -> GraphModule:
-    """A copy of ``floating`` observed, calibrated on ``data`` and frozen, through the pass
-    manager: its reference graph under ``config`` (``only_nodes`` as ``observe``'s).
+    """A copy of ``floating`` quantized for ``config``: observed, calibrated on ``data`` and
+    frozen through the pass manager, which runs it on ``example_inputs`` (``only_nodes`` as
+    ``observe``'s). The reference graph.
 
     Example::
 
-        reference = quantize_copy(fused, (x,), batches, QuantConfig(skip=("fc",)))
+        reference = quantize_copy(fused, QuantConfig(skip=("fc",)), batches, (x,))
     """
     steps = [observe(config, only_nodes=only_nodes), calibrate(data, progress=False), freeze()]
     scratch = CompileContext.from_inputs(example_inputs)

@@ -267,7 +267,7 @@ def measure_layers(
     def figure(skip: tuple = (), only: str | None = None) -> tuple[float, GraphModule]:
         trial = replace(config, skip=(*config.skip, *skip))
         only_nodes = None if only is None else (only,)
-        reference = quantize_copy(floating, example_inputs, data, trial, only_nodes=only_nodes)
+        reference = quantize_copy(floating, trial, data, example_inputs, only_nodes=only_nodes)
         return sqnr(expected, flat_outputs(reference, batches)), reference
 
     model_sqnr, full = figure()

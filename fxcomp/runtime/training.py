@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from fxcomp.runtime.distributed import average_buffers, is_main_process, shard, 
 
 __all__ = [
     "Callback",
+    "LoopOptions",
     "Metric",
     "OptimizerFactory",
     "Supervised",
@@ -140,6 +141,18 @@ class Supervised(nn.Module):
         return {"loss": self.loss(self.student(*inputs), label)}
 
 
+class LoopOptions(TypedDict, total=False):
+    """The keyword options every training-time pass takes for its loop, besides ``epochs``
+    and ``lr`` (``TrainOptions`` documents them)."""
+
+    optimizer: OptimizerFactory | None
+    validation: Iterable[Any] | None
+    metric: Metric
+    callback: Callback | None
+    seed: int
+    progress: bool
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """How a training-time pass trains (module docstring): epochs, Adam's ``lr`` (or an
@@ -154,6 +167,23 @@ class TrainOptions:
     callback: Callback | None = None
     seed: int = 0
     progress: bool = True
+
+    @classmethod
+    def of(cls, what: str, epochs: int, lr: float, loop: LoopOptions) -> TrainOptions:
+        """The options of pass ``what`` from its ``epochs``, ``lr`` and loop keywords;
+        ``InputError`` for a keyword that is not one.
+
+        Example::
+
+            TrainOptions.of("distill", 3, 1e-3, {"validation": held_out, "seed": 1})
+        """
+        unknown = sorted(set(loop) - set(LoopOptions.__annotations__))
+        if unknown:
+            raise InputError(
+                f"{what} takes no option {unknown[0]!r}",
+                hint=f"its training options: epochs, lr, {', '.join(LoopOptions.__annotations__)}",
+            )
+        return cls(epochs, lr, **loop)
 
     def check(self, what: str) -> None:
         """Raise ``InputError`` naming the option of pass ``what`` that is not usable."""
