@@ -145,7 +145,7 @@ def make_files(
 
 def optimized_ops(path: Path, threads: int | None) -> dict[str, int]:
     """Operator counts of ``path`` after ONNX Runtime's graph optimization (same options as
-    ``onnx_model.load``, plus the dump)."""
+    ``onnx_model.session``, plus the dump)."""
     dump = path.with_name(path.stem + ".ort_optimized.onnx")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

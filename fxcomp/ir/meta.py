@@ -19,10 +19,13 @@ from typing import Any, Generic, TypeVar
 
 from torch.fx import GraphModule
 
-__all__ = ["GraphSlot", "carry_slots"]
+__all__ = ["MADE_BY", "GraphSlot", "carry_slots"]
 
 T = TypeVar("T")
 _PREFIX = "fxcomp:"
+# node.meta key: the qualified name of the pass that created the node ("trace" for traced
+# ones); the pass manager stamps every node that lacks it, and dumps show it
+MADE_BY = "fxcomp_pass"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
+from fxcomp.ir.meta import MADE_BY
+
 __all__ = ["NoMatch", "Rule", "apply_rules", "pending_rewrites"]
 
 
@@ -64,7 +66,7 @@ def apply_rules(
                 explain(node, rule.name, found.reason)
                 continue
             for created in rule.rewrite(gm, found):
-                created.meta["fxcomp_pass"] = pass_name
+                created.meta[MADE_BY] = pass_name
             count += 1
             break
     return count

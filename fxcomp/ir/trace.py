@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 
 from fxcomp.ir.errors import InputError, TraceError
 from fxcomp.ir.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.ir.module_copy import copy_module
 
 __all__ = ["OpaqueModule", "as_input_tuple", "propagate_shapes", "tensor_metadata", "trace"]
@@ -135,7 +136,7 @@ def trace(
         _default_to_concrete(root, graph, concrete_args)
     gm = GraphModule(tracer.root, graph, type(root).__name__)
     for node in gm.graph.nodes:
-        node.meta["fxcomp_pass"] = "trace"
+        node.meta[MADE_BY] = "trace"
     propagate_shapes(gm, inputs)
     return gm
 

@@ -32,6 +32,7 @@ from torch.fx import GraphModule
 
 from fxcomp.ir.errors import FxcompError, InputError, PassError, PassOrderError, TraceError
 from fxcomp.ir.graph import node_counts, state_size
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.ir.trace import propagate_shapes
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.report import PassRecord, describe_options
@@ -340,7 +341,7 @@ class PassManager:
         gm.recompile()
         stale = False
         for node in gm.graph.nodes:
-            node.meta.setdefault("fxcomp_pass", path)
+            node.meta.setdefault(MADE_BY, path)
             stale |= "tensor_meta" not in node.meta
         if stale:
             try:

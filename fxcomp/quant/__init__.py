@@ -1,14 +1,20 @@
-"""fxcomp's own quantization primitives: schemes, observers and fake-quant steps.
+"""Quantization's machinery: engines and schemes (``scheme``), the graph's one ``QuantConfig``
+(``config``), observers and fake quantization, the reference Q/DQ graph (``reference``),
+which ops quantize how (``ops``), the observe -> calibrate -> freeze pipeline
+(``pipeline``: ``observe``, ``calibrate``, ``freeze``), lowering to fbgemm/qnnpack kernels
+(``lowering``), QAT (``qat``), the per-layer sensitivity analysis (``sensitivity``) and
+mixed precision (``mixed_precision``).
 
 Built on core torch ops (``torch.fake_quantize_per_tensor_affine`` and friends), not on
-``torch.ao.quantization``.
+``torch.ao.quantization``; only lowering uses the fbgemm/qnnpack kernels themselves.
 
 Example::
 
-    from fxcomp.quant import scheme_for
-    activation, weight = scheme_for("x86")
+    from fxcomp.quant import QuantConfig
+    activation, weight = QuantConfig("x86").schemes()
 """
 
+from fxcomp.quant.config import QuantConfig
 from fxcomp.quant.observers import (
     OBSERVERS,
     HistogramObserver,
@@ -29,5 +35,6 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "Observer",
     "QScheme",
+    "QuantConfig",
     "scheme_for",
 ]

@@ -16,11 +16,12 @@ from torch.fx import GraphModule
 
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of, replace_module
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import QUANT_CONFIG
 from fxcomp.quant.observers import Observer
-from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, tensor_inputs
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer, grid_of
 from fxcomp.runtime.distributed import average_buffers
 
@@ -46,7 +47,7 @@ def freeze_qparams(gm: GraphModule, ctx: CompileContext) -> PassResult:
             node.target = name
             changed = True
     for node in list(gm.graph.nodes):
-        kind = node.meta.get("fxcomp_quant")
+        kind = node.meta.get(QUANT_KIND)
         inputs = tensor_inputs(node)
         if kind == "weighted" and inputs and grid_of(gm, inputs[0]) is not None:
             layer = gm.get_submodule(str(node.target))
@@ -59,8 +60,8 @@ def freeze_qparams(gm: GraphModule, ctx: CompileContext) -> PassResult:
                 new = gm.graph.call_module(name, (node,))
             new.meta = {
                 **node.meta,
-                "fxcomp_quant": "observer",
-                "fxcomp_pass": ctx.state.current_pass,
+                QUANT_KIND: "observer",
+                MADE_BY: ctx.state.current_pass,
             }
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             changed = True

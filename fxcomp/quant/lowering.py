@@ -24,12 +24,12 @@ from torch.fx.node import map_arg
 
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.ir.graph import module_of
-from fxcomp.ir.meta import carry_slots
+from fxcomp.ir.meta import MADE_BY, carry_slots
 from fxcomp.nn.fused import add_relu
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import QUANT_CONFIG
-from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, tensor_inputs
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
 from fxcomp.quant.scheme import deprecated_apis, packing_engine
 
@@ -99,7 +99,7 @@ class _Lowering:
 
     def emit(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
         node = self.graph.create_node(op, target, args, kwargs or {})
-        node.meta["fxcomp_pass"] = self.pass_name
+        node.meta[MADE_BY] = self.pass_name
         return node
 
     def as_float(self, old: Node) -> Node:
@@ -131,7 +131,7 @@ class _Lowering:
 
     def lower(self, node: Node) -> Node:
         module = module_of(self.gm, node)
-        kind = node.meta.get("fxcomp_quant")
+        kind = node.meta.get(QUANT_KIND)
         inputs = tensor_inputs(node)
         out = self.quantized_output(node)
         if node.op == "output":
@@ -145,16 +145,14 @@ class _Lowering:
                 return kernel
         if kind in ("shared", "requant", "fixed") and inputs and self.env[inputs[0]] in self.grids:
             new = self.graph.node_copy(node, lambda n: self.env[n])
-            new.meta = {"fxcomp_pass": self.pass_name, "stack_trace": node.meta.get("stack_trace")}
+            new.meta = {MADE_BY: self.pass_name, "stack_trace": node.meta.get("stack_trace")}
             fixed = (1.0 / 256, 0, torch.quint8)
             self.grids[new] = fixed if kind == "fixed" else self.grids[self.env[inputs[0]]]
             return new
         if kind == "query":  # reads the shape of whatever tensor is there
             return self.graph.node_copy(node, lambda n: self.env[n])
         new = self.graph.node_copy(node, self.as_float)
-        new.meta = {
-            key: node.meta[key] for key in ("fxcomp_pass", "stack_trace") if key in node.meta
-        }
+        new.meta = {key: node.meta[key] for key in (MADE_BY, "stack_trace") if key in node.meta}
         return new
 
     def quantize(self, node: Node, grid: Grid) -> Node:

@@ -4,7 +4,7 @@ The graph's ``QuantConfig`` is stored on it here (``QUANT_CONFIG``), once; the s
 (calibrate, freeze, lower) and the backends read it from there.
 
 Every node's quantization kind (``fxcomp.quant.ops``) is decided here and recorded in
-``node.meta["fxcomp_quant"]``; ``freeze`` and ``lower`` follow that record. Inputs of
+``node.meta[QUANT_KIND]``; ``freeze`` and ``lower`` follow that record. Inputs of
 weighted, binary, cat, hardswish and fixed-grid ops get an observer (one per producing
 edge, shared by its consumers), and so do their outputs; sigmoid-like ops get their
 kernel's fixed grid directly. Ops that keep their input's grid (pooling, ReLU, reshapes)
@@ -22,11 +22,12 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxcomp.ir.errors import InputError
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import FLOAT_LAYERS, QUANT_CONFIG, QuantConfig
 from fxcomp.quant.observers import OBSERVERS
-from fxcomp.quant.ops import is_clamp, kind_of, tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, is_clamp, kind_of, tensor_inputs
 from fxcomp.quant.reference import QuantDequant
 
 __all__ = ["ObserveOptions", "insert_observers"]
@@ -52,8 +53,8 @@ def _insert_after(gm: GraphModule, node: Node, name: str, module: torch.nn.Modul
     new.meta = {
         "tensor_meta": node.meta.get("tensor_meta"),
         "stack_trace": node.meta.get("stack_trace"),
-        "fxcomp_pass": ctx.state.current_pass,
-        "fxcomp_quant": "observer",
+        MADE_BY: ctx.state.current_pass,
+        QUANT_KIND: "observer",
     }
     return new
 
@@ -75,7 +76,7 @@ def insert_observers(
     skip = (*config.skip, *FLOAT_LAYERS.get(gm, ()))
     qdq = not config.target.kernels  # exported as Q/DQ pairs (ONNX)
     # Observers from an earlier run already make their edges quantized.
-    quantized = {n for n in gm.graph.nodes if n.meta.get("fxcomp_quant") == "observer"}
+    quantized = {n for n in gm.graph.nodes if n.meta.get(QUANT_KIND) == "observer"}
     observed: dict[Node, Node] = {}
 
     def ensure_observed(value: Node) -> Node:
@@ -96,7 +97,7 @@ def insert_observers(
             kind = "pooled"
         if options.only_nodes is not None and node.name not in options.only_nodes:
             kind = "float" if kind in _OWN_GRID else kind  # grid-keeping ops follow inputs
-        node.meta["fxcomp_quant"] = kind
+        node.meta[QUANT_KIND] = kind
         inputs = tensor_inputs(node)
         users = list(node.users)
         if kind in _OWN_GRID and users and all(u in quantized for u in users):
@@ -110,7 +111,7 @@ def insert_observers(
                 # Conv -> ReLU6 -> Q/DQ, not Conv -> Q/DQ -> ReLU6: QDQ runtimes fuse the
                 # clamp into the Conv only when no Q/DQ step separates them
                 node = users[0]
-                node.meta["fxcomp_quant"] = "shared"
+                node.meta[QUANT_KIND] = "shared"
                 quantized.add(node)
             if kind == "fixed" and activation.dtype == torch.quint8:
                 out = _insert_after(

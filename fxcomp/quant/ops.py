@@ -30,7 +30,11 @@ from torch.fx import GraphModule, Node
 
 from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
-__all__ = ["KINDS", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
+__all__ = ["KINDS", "QUANT_KIND", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
+
+# node.meta key: the node's quantization kind (one of KINDS, or "observer" for the observer
+# and Q/DQ steps), written by insert_observers and followed by freeze, lower and QAT
+QUANT_KIND = "fxcomp_quant"
 
 KINDS = (
     "weighted",

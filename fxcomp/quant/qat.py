@@ -34,7 +34,7 @@ from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import QUANT_CONFIG
 from fxcomp.quant.fake_quant import FakeQuantize, QATWeight, SharedGrid
 from fxcomp.quant.observers import Observer
-from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, tensor_inputs
 from fxcomp.quant.reference import grid_of
 from fxcomp.runtime.distillation import DistillObjective, DistillOptions, report_rows
 from fxcomp.runtime.training import Supervised, fit
@@ -93,7 +93,7 @@ def _prepare(gm: GraphModule, learned: bool) -> tuple[list[FakeQuantize], list[s
         raise InputError("the graph has no observers", hint="run insert_observers before train_qat")
     for node in list(gm.graph.nodes):
         inputs = tensor_inputs(node)
-        kind = node.meta.get("fxcomp_quant")
+        kind = node.meta.get(QUANT_KIND)
         source = grid_of(gm, inputs[0], Observer) if inputs else None
         if kind == "weighted" and source is not None:
             name = str(node.target)

@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from fxcomp.ir.graph import module_of
 from fxcomp.nn.fused import ConvReLU, FusedModule, LinearReLU, apply_weight, weighted_layer
-from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, tensor_inputs
 from fxcomp.quant.scheme import QScheme
 
 __all__ = ["QuantDequant", "QuantizedWeightLayer", "fake_quantize", "grid_of", "weight_qparams"]
@@ -200,6 +200,6 @@ def grid_of(gm: GraphModule, node: Node, step: type[nn.Module] = QuantDequant) -
         if isinstance(module, step):
             return module
         inputs = tensor_inputs(node)
-        if node.meta.get("fxcomp_quant") not in ("shared", "requant") or not inputs:
+        if node.meta.get(QUANT_KIND) not in ("shared", "requant") or not inputs:
             return None
         node = inputs[0]

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 
 from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.graph import source_of, target_name
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.report import Note, PassRecord
 from fxcomp.pruning.graph import ChannelGraph
@@ -64,7 +65,7 @@ def _rows(gm: GraphModule) -> list[dict[str, Any]]:
                 "inputs": [n.name for n in node.all_input_nodes],
                 "shape": shape,
                 "dtype": dtype,
-                "pass": node.meta.get("fxcomp_pass", ""),
+                "pass": node.meta.get(MADE_BY, ""),
                 "source": source_of(node),
             }
         )
