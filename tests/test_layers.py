@@ -142,3 +142,15 @@ def test_each_package_imports_on_its_own():
     with ThreadPoolExecutor(2) as pool:
         failed = [r for r in pool.map(run, packages) if r[1] != 0]
     assert not failed, "\n".join(f"fxcomp.{p}:\n{err}" for p, _, err in failed)
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists the packages by hand (``passes/`` is mapped to ``fxcomp.passes``):
+    a package missing there imports in a checkout but not from an install."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    packages = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages == listed
