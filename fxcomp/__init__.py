@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     from fxcomp.api.compile import compile as compile
     from fxcomp.backends.mobile.bundle import Bundle as Bundle
     from fxcomp.backends.mobile.bundle import load_bundle as load_bundle
+    from fxcomp.ir.capture import trace as trace
     from fxcomp.ir.errors import BackendError as BackendError
     from fxcomp.ir.errors import FxcompError as FxcompError
     from fxcomp.ir.errors import InputError as InputError
@@ -37,7 +38,6 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     from fxcomp.ir.errors import VerificationError as VerificationError
     from fxcomp.ir.serialize import load as load
     from fxcomp.ir.serialize import save as save
-    from fxcomp.ir.trace import trace as trace
     from fxcomp.pipeline.context import CompileConfig as CompileConfig
     from fxcomp.pipeline.context import CompileContext as CompileContext
     from fxcomp.pipeline.pass_manager import Pass as Pass
@@ -77,7 +77,7 @@ _HOMES = {
     "load_bundle": "fxcomp.backends.mobile.bundle",
     "render_graph": "fxcomp.reporting.dump",
     "save": "fxcomp.ir.serialize",
-    "trace": "fxcomp.ir.trace",
+    "trace": "fxcomp.ir.capture",
 }
 
 __all__ = sorted([*_HOMES, "passes"])

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxcomp.ir.trace import trace
+from fxcomp.ir.capture import named_inputs, trace
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.pruning.apply import KEPT_CHANNELS
@@ -51,7 +51,7 @@ def distill_student(
     gm: GraphModule, ctx: CompileContext, *, what: DistillPassOptions
 ) -> PassResult:
     """Train ``gm`` against the teacher on the data (module docstring)."""
-    teacher = trace(what.teacher, ctx.config.example_inputs)
+    teacher = trace(what.teacher, named_inputs(gm, ctx.config.example_inputs))
     objective = DistillObjective(gm, teacher, what.options, KEPT_CHANNELS.get(gm, {}))
     versions = [p._version for p in gm.parameters()]
     history = fit(objective, gm, what.data, what.options.training, desc="distill")

@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from fxcomp.ir.trace import LeafSpec, as_input_tuple, trace
+from fxcomp.ir.capture import capture
+from fxcomp.ir.trace import LeafSpec
 from fxcomp.passes.fusion import fuse
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassManager
@@ -68,7 +69,7 @@ def analyze_config(
 
         analysis = analyze_config(model, x, batches, QuantConfig("tensorrt"))
     """
-    inputs = as_input_tuple(example_inputs)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
-    fused, _ = PassManager([fuse()]).run(gm, CompileContext.from_inputs(inputs))
+    captured = capture(model, example_inputs, leaf_modules=leaf_modules)
+    inputs = captured.inputs
+    fused, _ = PassManager([fuse()]).run(captured.module, CompileContext.from_inputs(inputs))
     return measure_layers(fused.graph_module, inputs, calibration_data, config, eval_data=eval_data)

@@ -26,10 +26,12 @@ from torch.fx import GraphModule
 
 from fxcomp.api.analyze import analyze_config
 from fxcomp.backends import Artifact, Backend, check_request
+from fxcomp.ir.capture import CAPTURE
+from fxcomp.ir.capture import capture as _capture
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import node_counts, state_size
 from fxcomp.ir.module_copy import copy_module
-from fxcomp.ir.trace import LeafSpec, as_input_tuple, trace
+from fxcomp.ir.trace import LeafSpec
 from fxcomp.pipeline.context import CompileConfig, CompileContext, Hook
 from fxcomp.pipeline.pass_manager import PassManager
 from fxcomp.pipeline.report import PassRecord, Report
@@ -59,6 +61,8 @@ def compile(
     output_dir: str | Path | None = None,
     *,
     calibration_data: Iterable[Any] | None = None,
+    capture: str = "auto",
+    dynamic_shapes: Any = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: Mapping[str, Any] | None = None,
     before_pass: Sequence[Hook] = (),
@@ -67,9 +71,13 @@ def compile(
     analyze: bool = False,
     latency_rounds: int = 0,
 ) -> CompileResult:
-    """Trace a deep copy of ``model``, run ``passes`` in order, and report each step.
+    """Capture a deep copy of ``model``, run ``passes`` in order, and report each step.
 
-    The caller's model is never changed. Before any work, the backend is asked whether it
+    The caller's model is never changed. ``example_inputs`` is a tensor, a tuple, or a dict
+    of keyword inputs; ``capture`` is ``"auto"`` (symbolic tracing, or ``torch.export``
+    where that fails), ``"symbolic"`` or ``"export"`` (``fxcomp.ir.capture``, which also
+    says what ``dynamic_shapes``, ``leaf_modules`` and ``concrete_args`` do); the report's
+    trace entry says which capture ran and why. Before any work, the backend is asked whether it
     takes ``backend_options`` and the quantization config the passes declare. With
     ``output_dir``, ``report.json`` and ``report.html`` (tables and figures embedded; it
     opens from disk) are written there atomically once every pass has succeeded. Under
@@ -93,15 +101,19 @@ def compile(
         raise InputError(
             "analyze needs calibration_data", hint="compile(..., calibration_data=batches)"
         )
-    config = CompileConfig(
-        as_input_tuple(example_inputs),
-        calibration_data,
-        backend,
-        tuple(before_pass),
-        tuple(after_pass),
+    start = time.perf_counter()
+    captured = _capture(
+        model,
+        example_inputs,
+        capture=capture,
+        dynamic_shapes=dynamic_shapes,
+        leaf_modules=leaf_modules,
+        concrete_args=concrete_args,
     )
+    gm, hooks = captured.module, (tuple(before_pass), tuple(after_pass))
+    config = CompileConfig(captured.inputs, calibration_data, backend, *hooks)
     ctx = CompileContext(config)
-    gm = _trace(model, ctx, leaf_modules, concrete_args)
+    _record_capture(model, gm, ctx, time.perf_counter() - start)
     floating = copy_module(gm) if latency_rounds and target is not None else None
     if target is not None:  # the reference the backend verifies its artifact against
         with torch.no_grad():
@@ -142,16 +154,8 @@ def _check_request(
     return target
 
 
-def _trace(
-    model: nn.Module,
-    ctx: CompileContext,
-    leaf_modules: Iterable[LeafSpec],
-    concrete_args: Mapping[str, Any] | None,
-) -> GraphModule:
-    """Trace ``model``; the first record of the report is the trace's."""
-    start = time.perf_counter()
-    inputs = ctx.config.example_inputs
-    gm = trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+def _record_capture(model: nn.Module, gm: GraphModule, ctx: CompileContext, seconds: float) -> None:
+    """The report's first record: the capture, with which one ran and why as its options."""
     params_before, bytes_before = state_size(model)
     params_after, bytes_after = state_size(gm)
     ctx.state.report.records.append(
@@ -159,17 +163,17 @@ def _trace(
             name="trace",
             path="trace",
             modified=True,
-            seconds=time.perf_counter() - start,
+            seconds=seconds,
             nodes_before={},
             nodes_after=node_counts(gm),
             parameters_before=params_before,
             parameters_after=params_after,
             bytes_before=bytes_before,
             bytes_after=bytes_after,
+            options=CAPTURE.get(gm),
         )
     )
     ctx.state.history.append("trace")
-    return gm
 
 
 def _record_artifact(

@@ -4,6 +4,6 @@ one error hierarchy. Nothing here knows about passes, quantization or backends.
 
 Example::
 
-    from fxcomp.ir.trace import trace
+    from fxcomp.ir.capture import trace
     gm = trace(model, torch.randn(1, 3, 224, 224))
 """

@@ -1,14 +1,16 @@
-"""Symbolic tracing of a copy of the user's model, with shape propagation.
+"""Symbolic tracing of a copy of the user's model, and shape propagation.
 
-``trace`` deep-copies the model, puts the copy in eval mode, traces it with torch.fx and
-runs the example inputs through the graph so that every node carries its output shape and
-dtype in ``node.meta["tensor_meta"]`` (torch's ``TensorMetadata``). The caller's model is
-never touched.
+``prepared_copy`` deep-copies the model, puts the copy in eval mode and drops its hooks (the
+caller's model is never touched); ``symbolic_trace`` traces that copy with torch.fx, each
+node carrying the user's source line; ``propagate_shapes`` runs example inputs through a
+graph so that every node carries its output shape and dtype in ``node.meta["tensor_meta"]``
+(torch's ``TensorMetadata``). ``fxcomp.ir.capture`` puts them together, with
+``torch.export`` where symbolic tracing fails.
 
 Example::
 
-    gm = fxcomp.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
-    gm.graph.find_nodes(op="call_module")[0].meta["tensor_meta"].shape
+    gm = symbolic_trace(prepared_copy(model), leaf_modules=["gate"])
+    propagate_shapes(gm, (torch.randn(1, 3, 224, 224),))
 """
 
 from __future__ import annotations
@@ -33,29 +35,22 @@ from torch.utils._pytree import tree_map
 
 from fxcomp.ir.errors import InputError, TraceError
 from fxcomp.ir.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
-from fxcomp.ir.meta import MADE_BY
 from fxcomp.ir.module_copy import copy_module
 
-__all__ = ["OpaqueModule", "as_input_tuple", "propagate_shapes", "tensor_metadata", "trace"]
+__all__ = [
+    "LeafSpec",
+    "OpaqueModule",
+    "prepared_copy",
+    "propagate_shapes",
+    "symbolic_trace",
+    "tensor_metadata",
+]
 
 log = logging.getLogger(__name__)
 
 _COMPUTING_OPS = frozenset({"call_module", "call_function", "call_method", "get_attr"})
 
 LeafSpec = str | type[nn.Module]
-
-
-def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise example inputs (a tensor, or a tuple/list of inputs) to a tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise InputError(
-        "example_inputs must be a tensor or a tuple of inputs, "
-        f"got {type(example_inputs).__name__}",
-        hint="pass torch.randn(1, 3, 224, 224), or a tuple for a model with several inputs",
-    )
 
 
 class OpaqueModule(nn.Module):
@@ -97,25 +92,16 @@ class _LeafTracer(Tracer):
         return isinstance(m, OpaqueModule) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    leaf_modules: Iterable[LeafSpec] = (),
-    concrete_args: Mapping[str, Any] | None = None,
-) -> GraphModule:
-    """Trace a deep copy of ``model`` in eval mode and propagate shapes from ``example_inputs``.
-
-    ``leaf_modules`` names submodules (qualified names or classes) to keep as single opaque
-    nodes; ``concrete_args`` fixes forward arguments that drive control flow.
+def prepared_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode without its hooks: what fxcomp captures, so that
+    the caller's model is never changed.
 
     Example::
 
-        gm = trace(model, torch.randn(1, 3, 32, 32), leaf_modules=["gate"])
+        root = prepared_copy(model)
     """
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    inputs = as_input_tuple(example_inputs)
     try:
         root = copy_module(model)
     except Exception as err:
@@ -126,6 +112,24 @@ def trace(
         ) from err
     root.eval()
     _drop_hooks(root)
+    return root
+
+
+def symbolic_trace(
+    root: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: Mapping[str, Any] | None = None,
+) -> GraphModule:
+    """``root`` (a ``prepared_copy``) traced with torch.fx; ``leaf_modules`` names submodules
+    (qualified names or classes) to keep as single opaque nodes; ``concrete_args`` fixes
+    forward arguments that drive control flow. A failure is a ``TraceError`` naming the
+    submodule, the user's source line and the option that gets past it.
+
+    Example::
+
+        gm = symbolic_trace(prepared_copy(model), leaf_modules=["gate"])
+    """
     names, types = _split_leaf_specs(root, leaf_modules)
     tracer = _LeafTracer(names, types)
     try:
@@ -134,11 +138,7 @@ def trace(
         raise _trace_error(err, tracer) from err
     if concrete_args:
         _default_to_concrete(root, graph, concrete_args)
-    gm = GraphModule(tracer.root, graph, type(root).__name__)
-    for node in gm.graph.nodes:
-        node.meta[MADE_BY] = "trace"
-    propagate_shapes(gm, inputs)
-    return gm
+    return GraphModule(tracer.root, graph, type(root).__name__)
 
 
 def _drop_hooks(root: nn.Module) -> None:

@@ -25,9 +25,9 @@ from typing import Any
 from torch import nn
 from torch.fx import GraphModule
 
+from fxcomp.ir.capture import named_inputs, trace
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of, replace_module
-from fxcomp.ir.trace import trace
 from fxcomp.nn.fused import ConvBN
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
@@ -133,7 +133,7 @@ def train_quantization_aware(
     options.check()
     fakes, layers = _prepare(gm, learned=options.ranges == "learned")
     if options.teacher is not None:
-        teacher_gm = trace(options.teacher, ctx.config.example_inputs)
+        teacher_gm = trace(options.teacher, named_inputs(gm, ctx.config.example_inputs))
         objective = DistillObjective(gm, teacher_gm, options.distillation)
     else:
         objective = Supervised(gm, options.distillation.loss, "qat")

@@ -1,0 +1,310 @@
+"""Lifting an exported ATen graph to the module-level form the passes work on.
+
+``torch.export`` captures a model as ATen ops over its parameters. ``lift`` rewrites that
+graph, node by node, into what symbolic tracing gives, so that no pass needs to know which
+capture ran:
+
+* a layer call: ``aten.linear``, ``aten.conv1d/2d/3d``, ``aten.batch_norm``,
+  ``aten.layer_norm``, ``aten.group_norm`` or ``aten.embedding`` on the parameters of a
+  ``torch.nn`` layer of exactly that kind (a subclass may do more in its forward) with the
+  same settings becomes a ``call_module`` of that layer, under the model's own qualified
+  name (``encoder.layer.3.attention.self.query``);
+* the same ops on other tensors (a tied weight, a subclass's parameters) become their
+  ``torch.nn.functional`` form;
+* every other ATen op with a torch-level equivalent the passes know becomes that function,
+  method or operator (``aten.view`` -> ``.view()``, ``aten.add.Tensor`` -> ``+``,
+  ``aten.scaled_dot_product_attention`` -> ``F.scaled_dot_product_attention``); an in-place
+  op becomes its out-of-place form where nothing reads the mutated tensor afterwards;
+* dropout (the model is in eval mode), tensor-metadata asserts, the export's shape guards
+  and conversions to the dtype and device a tensor already has are dropped.
+
+Anything else stays as the ATen op: it runs, and a pass that does not know it leaves it
+alone or says why (``fxcomp dump`` shows its target).
+
+Example::
+
+    exported = torch.export.export(model, (x,), strict=False)
+    gm = lift(model, exported.module())
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+
+__all__ = ["lift"]
+
+aten = torch.ops.aten
+
+# ATen op -> the torch-level function with the same arguments
+_FUNCTIONS: dict[Any, Callable[..., Any]] = {
+    aten.relu.default: torch.relu,
+    aten.sigmoid.default: torch.sigmoid,
+    aten.tanh.default: torch.tanh,
+    aten.hardswish.default: F.hardswish,
+    aten.hardsigmoid.default: F.hardsigmoid,
+    aten.hardtanh.default: F.hardtanh,
+    aten.silu.default: F.silu,
+    aten.gelu.default: F.gelu,
+    aten.add.Tensor: operator.add,
+    aten.sub.Tensor: operator.sub,
+    aten.mul.Tensor: operator.mul,
+    aten.div.Tensor: operator.truediv,
+    aten.matmul.default: torch.matmul,
+    aten.cat.default: torch.cat,
+    aten.flatten.using_ints: torch.flatten,
+    aten.mean.dim: torch.mean,
+    aten.sum.dim_IntList: torch.sum,
+    aten.split.Tensor: torch.split,
+    aten.split_with_sizes.default: torch.split,
+    aten.chunk.default: torch.chunk,
+    aten.softmax.int: torch.softmax,
+    aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    aten.max_pool2d.default: F.max_pool2d,
+    aten.avg_pool2d.default: F.avg_pool2d,
+    aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    aten.layer_norm.default: F.layer_norm,
+    aten.linear.default: F.linear,
+    aten.conv1d.default: F.conv1d,
+    aten.conv2d.default: F.conv2d,
+    aten.conv3d.default: F.conv3d,
+}
+# ATen op -> the tensor method with the same arguments
+_METHODS = {
+    aten.view.default: "view",
+    aten.reshape.default: "reshape",
+    aten.permute.default: "permute",
+    aten.transpose.int: "transpose",
+    aten.unsqueeze.default: "unsqueeze",
+    aten.squeeze.dim: "squeeze",
+    aten.expand.default: "expand",
+    aten.clone.default: "clone",
+    aten.sym_size.int: "size",
+}
+# in-place ATen op -> its out-of-place one
+_IN_PLACE = {
+    aten.relu_.default: aten.relu.default,
+    aten.sigmoid_.default: aten.sigmoid.default,
+    aten.tanh_.default: aten.tanh.default,
+    aten.hardswish_.default: aten.hardswish.default,
+    aten.hardsigmoid_.default: aten.hardsigmoid.default,
+    aten.hardtanh_.default: aten.hardtanh.default,
+    aten.silu_.default: aten.silu.default,
+    aten.add_.Tensor: aten.add.Tensor,
+    aten.sub_.Tensor: aten.sub.Tensor,
+    aten.mul_.Tensor: aten.mul.Tensor,
+    aten.div_.Tensor: aten.div.Tensor,
+}
+_DROPOUTS = {aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default}
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
+_CONVERSIONS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default}
+_CONVS = {
+    aten.conv1d.default: nn.Conv1d,
+    aten.conv2d.default: nn.Conv2d,
+    aten.conv3d.default: nn.Conv3d,
+}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _attr(node: Any) -> str | None:
+    """The qualified name a ``get_attr`` node reads, or None."""
+    return str(node.target) if isinstance(node, Node) and node.op == "get_attr" else None
+
+
+def _owner(root: nn.Module, names: list[str | None], suffixes: tuple[str, ...]) -> str | None:
+    """The layer whose parameters ``names`` are (``prefix.weight``, ``prefix.bias``, ...), if
+    they are exactly its ``suffixes``; a missing tensor must be one the layer lacks too."""
+    prefix = next((n.rpartition(".")[0] for n in names if n is not None), None)
+    if prefix is None:
+        return None
+    try:
+        layer = root.get_submodule(prefix)
+    except AttributeError:
+        return None
+    for name, suffix in zip(names, suffixes, strict=True):
+        if name is None and getattr(layer, suffix, None) is not None:
+            return None
+        if name is not None and name != f"{prefix}.{suffix}":
+            return None
+    return prefix
+
+
+def _arg(node: Node, index: int, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else default
+
+
+def _layer_of(root: nn.Module, node: Node) -> tuple[str, Any] | None:
+    """(qualified name, input) when ``node`` computes exactly a ``torch.nn`` layer of the
+    model on its own parameters."""
+    target = node.target
+    if target is aten.linear.default:
+        prefix = _owner(root, [_attr(_arg(node, 1)), _attr(_arg(node, 2))], ("weight", "bias"))
+        kind, matches = nn.Linear, lambda m: True
+    elif target in _CONVS:
+        prefix = _owner(root, [_attr(_arg(node, 1)), _attr(_arg(node, 2))], ("weight", "bias"))
+        kind = _CONVS[target]
+
+        def matches(m: nn.Module) -> bool:
+            settings = [_arg(node, i, d) for i, d in ((3, 1), (4, 0), (5, 1), (6, 1))]
+            rank = len(m.kernel_size)
+            wanted = [m.stride, m.padding, m.dilation, m.groups]
+            given = [tuple(s) if isinstance(s, list | tuple) else (s,) * rank for s in settings[:3]]
+            return m.padding_mode == "zeros" and [*given, settings[3]] == wanted
+    elif target is aten.batch_norm.default:
+        names = [_attr(_arg(node, i)) for i in (1, 2, 3, 4)]
+        prefix = _owner(root, names, ("weight", "bias", "running_mean", "running_var"))
+        kind = _BATCHNORMS
+
+        def matches(m: nn.Module) -> bool:
+            return _arg(node, 5) is False and _arg(node, 7) == m.eps
+    elif target is aten.layer_norm.default:
+        prefix = _owner(root, [_attr(_arg(node, 2)), _attr(_arg(node, 3))], ("weight", "bias"))
+        kind = nn.LayerNorm
+
+        def matches(m: nn.Module) -> bool:
+            return tuple(_arg(node, 1)) == m.normalized_shape and _arg(node, 4, 1e-5) == m.eps
+    elif target is aten.group_norm.default:
+        prefix = _owner(root, [_attr(_arg(node, 2)), _attr(_arg(node, 3))], ("weight", "bias"))
+        kind = nn.GroupNorm
+
+        def matches(m: nn.Module) -> bool:
+            return _arg(node, 1) == m.num_groups and _arg(node, 4, 1e-5) == m.eps
+    elif target is aten.embedding.default:
+        prefix = _owner(root, [_attr(_arg(node, 0))], ("weight",))
+        kind = nn.Embedding
+
+        def matches(m: nn.Module) -> bool:
+            return m.max_norm is None
+    else:
+        return None
+    if prefix is None:
+        return None
+    layer = root.get_submodule(prefix)
+    exact = type(layer) in (kind if isinstance(kind, tuple) else (kind,))
+    if not exact or not matches(layer):
+        return None
+    return prefix, node.args[1] if target is aten.embedding.default else node.args[0]
+
+
+def _functional(node: Node) -> tuple[Any, tuple, dict] | None:
+    """The torch-level ``(target, args, kwargs)`` for ``node``, or None to keep it."""
+    target, args, kwargs = node.target, tuple(node.args), dict(node.kwargs)
+    if target is aten.batch_norm.default and not args[5]:  # F.batch_norm's order
+        x, weight, bias, mean, var, training, momentum, eps = args[:8]
+        return F.batch_norm, (x, mean, var, weight, bias, training, momentum, eps), {}
+    if target is aten.embedding.default:
+        return F.embedding, (args[1], args[0], *([args[2]] if len(args) > 2 else [])), {}
+    if target is aten.layer_norm.default:
+        return F.layer_norm, args[:5], {}
+    if target in (aten.add.Tensor, aten.sub.Tensor) and (kwargs or len(args) > 2):
+        return None  # alpha= has no operator form
+    if target in _FUNCTIONS:
+        return _FUNCTIONS[target], args, kwargs
+    return None
+
+
+def _mutation_is_local(node: Node, order: dict[Node, int]) -> bool:
+    """Whether nothing reads the tensor an in-place op writes after the op."""
+    written = node.args[0] if node.args else None
+    if not isinstance(written, Node):
+        return False
+    return all(order[user] <= order[node] for user in written.users)
+
+
+def _same_tensor(node: Node) -> bool:
+    """A conversion to the dtype and device its input already has."""
+    out, source = node.meta.get("val"), node.args[0] if node.args else None
+    before = source.meta.get("val") if isinstance(source, Node) else None
+    return all(isinstance(t, torch.Tensor) for t in (out, before)) and (out.dtype, out.device) == (
+        before.dtype,
+        before.device,
+    )
+
+
+def lift(root: nn.Module, exported: GraphModule) -> GraphModule:
+    """The graph of ``exported`` (``ExportedProgram.module()``) over ``root`` (the model it
+    was exported from) in module-level form (module docstring).
+
+    Example::
+
+        gm = lift(model, torch.export.export(model, (x,), strict=False).module())
+    """
+    graph = Graph()
+    env: dict[Node, Any] = {}
+    order = {node: i for i, node in enumerate(exported.graph.nodes)}
+
+    def copy_meta(old: Node, new: Node) -> Node:
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in old.meta:
+                new.meta[key] = old.meta[key]
+        return new
+
+    def load(value: Any) -> Any:
+        return torch.fx.node.map_arg(value, env.__getitem__)
+
+    for node in exported.graph.nodes:
+        target = node.target
+        if node.op == "call_module" and str(target) == "_guards_fn":
+            continue
+        if node.op != "call_function":
+            env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        if target in _ASSERTS:
+            continue
+        if target in _DROPOUTS or (target in _CONVERSIONS and _same_tensor(node)):
+            env[node] = env[node.args[0]]
+            continue
+        if target in _IN_PLACE and _mutation_is_local(node, order):
+            target = _IN_PLACE[target]
+            node = copy.copy(node)  # read with the out-of-place target below
+            node.target = target
+        layer = _layer_of(root, node) if isinstance(target, torch._ops.OpOverload) else None
+        if layer is not None:
+            name, x = layer
+            new = graph.call_module(name, (load(x),))
+        elif target in _METHODS:
+            new = graph.call_method(_METHODS[target], load(node.args), load(node.kwargs))
+        elif (call := _functional(node)) is not None:
+            new = graph.call_function(call[0], load(call[1]), load(call[2]))
+        else:
+            new = graph.node_copy(node, env.__getitem__)
+        env[node] = copy_meta(node, new)
+    graph._codegen = copy.deepcopy(exported.graph._codegen)
+    for node in reversed(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    lifted = GraphModule(_with_constants(root, exported, graph), graph, type(root).__name__)
+    for spec in ("_in_spec", "_out_spec"):
+        if hasattr(exported, spec):
+            setattr(lifted, spec, getattr(exported, spec))
+    return lifted
+
+
+def _lookup(module: Any, name: str) -> Any:
+    """The attribute at dotted ``name`` below ``module``, or None."""
+    for part in name.split(".") if name else ():
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _with_constants(root: nn.Module, exported: GraphModule, graph: Graph) -> nn.Module:
+    """``root`` with the tensors the graph reads that only the export made (constants
+    created inside forward) registered as buffers."""
+    for node in graph.find_nodes(op="get_attr"):
+        name = str(node.target)
+        if _lookup(root, name) is None:
+            owner, _, attribute = name.rpartition(".")
+            _lookup(root, owner).register_buffer(
+                attribute, _lookup(exported, name), persistent=False
+            )
+    return root
