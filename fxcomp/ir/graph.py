@@ -9,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections import Counter
@@ -20,6 +21,8 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import _get_qualified_name, map_arg
 
+from fxcomp.ir.meta import carry_slots
+
 __all__ = [
     "BATCHNORMS",
     "CONVS",
@@ -28,6 +31,7 @@ __all__ = [
     "inline_graph",
     "module_of",
     "node_counts",
+    "rebuilt",
     "replace_module",
     "source_of",
     "state_size",
@@ -88,6 +92,24 @@ def replace_module(gm: GraphModule, qualified_name: str, new: nn.Module) -> None
     parent_name, _, attr = qualified_name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, attr, new)
+
+
+def rebuilt(gm: GraphModule, graph: Graph) -> GraphModule:
+    """A module running ``graph`` (built anew by a pass) over ``gm``'s submodules, with
+    ``gm``'s calling convention (keyword inputs and structured outputs of a graph captured
+    by ``torch.export``) and its graph slots.
+
+    Example::
+
+        lowered = rebuilt(gm, new_graph)
+    """
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    new = GraphModule(gm, graph, type(gm).__name__)
+    for spec in ("_in_spec", "_out_spec"):
+        if hasattr(gm, spec):
+            setattr(new, spec, getattr(gm, spec))
+    carry_slots(gm, new)
+    return new
 
 
 def target_name(gm: GraphModule, node: Node) -> str:

@@ -163,6 +163,20 @@ def _split(
     return (*labels[:k], "h", inner, *labels[k + 1 :])
 
 
+def _unchanged(node: Node, labels: tuple[str, ...], core_sizes: list) -> tuple[str, ...] | None:
+    """A reshape to the shape its input has (as ``torch.export`` writes ``contiguous``):
+    the labels stay, and literal widths among its sizes are recorded to rewrite."""
+    if _is(node, _MOVES) or _shape(node) != _shape(node.args[0]) or node.target == "unflatten":
+        return None
+    _, sizes = _size_args(node)
+    if len(sizes) != len(labels):
+        return None
+    for position, (size, label) in enumerate(zip(sizes, labels, strict=True)):
+        if label in ("d", "e", "c", "m") and isinstance(size, int) and size != -1:
+            core_sizes.append((node, position, label))
+    return labels
+
+
 def _merge(node: Node, labels: tuple[str, ...], core_sizes: list, last: bool) -> tuple | str:
     """Labels after ``node`` merges (heads, value width) back into one axis, or a reason."""
     before, after = _shape(node.args[0]), _shape(node)
@@ -199,6 +213,8 @@ def _backward(
             return f"'{step.name}' is also used outside the attention"
         if _is(step, _MOVES):
             labels = _move(step, labels)
+        elif (same := _unchanged(step, labels, core.sizes)) is not None:
+            labels = same
         else:
             labels = _split(step, labels, heads, width, inner, core.sizes)
             if isinstance(labels, str):
@@ -222,6 +238,8 @@ def _forward(sdpa: Node, labels: tuple[str, ...], core: AttentionCore) -> Node |
             break
         if _is(step, _MOVES):
             labels = _move(step, labels)
+        elif (same := _unchanged(step, labels, core.sizes)) is not None:
+            labels = same
         else:
             last = not any(_is(u, _MOVES) for u in step.users)
             labels = _merge(step, labels, core.sizes, last)

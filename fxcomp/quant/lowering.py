@@ -23,8 +23,8 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxcomp.ir.errors import BackendError, InputError
-from fxcomp.ir.graph import module_of
-from fxcomp.ir.meta import MADE_BY, carry_slots
+from fxcomp.ir.graph import module_of, rebuilt
+from fxcomp.ir.meta import MADE_BY
 from fxcomp.nn.fused import add_relu
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
@@ -123,7 +123,7 @@ class _Lowering:
     def run(self) -> GraphModule:
         for node in self.gm.graph.nodes:
             self.env[node] = self.lower(node)
-        gm = GraphModule(self.gm, self.graph, type(self.gm).__name__)
+        gm = rebuilt(self.gm, self.graph)
         for name, module in self.modules.items():
             gm.add_submodule(name, module)
         gm.delete_all_unused_submodules()
@@ -200,7 +200,6 @@ def lower_to_kernels(gm: GraphModule, ctx: CompileContext) -> PassResult:
         )
     with packing_engine(config.engine), deprecated_apis():
         lowered = _Lowering(gm, ctx).run()
-    carry_slots(gm, lowered)
     return PassResult(lowered, modified=True)
 
 
