@@ -113,7 +113,12 @@ def test_each_pass_records_its_options_in_report_json(residual_net, image, tmp_p
     steps = {c["name"]: c for c in records["quantize"]["children"]}
     assert steps["insert_observers"]["options"]["config"]["engine"] == "qnnpack"
     assert steps["calibrate"]["options"] == {"data": "<list of 2>", "progress": True}
-    assert records["trace"]["options"] is None
+    assert records["trace"]["options"] == {
+        "capture": "symbolic",
+        "reason": "symbolic tracing took it",
+        "inputs": None,
+        "static_axes": [],
+    }
 
 
 def test_the_backend_refuses_the_passes_config_before_any_pass_runs(residual_net, image):

@@ -8,6 +8,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp import InputError, TraceError
+from fxcomp.ir.capture import CAPTURE
 
 
 class Gate(nn.Module):
@@ -88,10 +89,30 @@ def test_concrete_args_fix_the_control_flow():
 
 def test_error_in_the_models_own_forward_points_to_concrete_args():
     with pytest.raises(TraceError) as info:
-        fxcomp.trace(TopLevelLoop(), torch.randn(2, 3))
+        fxcomp.trace(TopLevelLoop(), torch.randn(2, 3), capture="symbolic")
     message = str(info.value)
     assert "the model's own forward (TopLevelLoop)" in message
     assert "for _ in range(len(x)):" in message and "concrete_args" in message
+
+
+def test_auto_exports_what_symbolic_tracing_cannot_and_names_the_axes_it_fixed():
+    x = torch.randn(2, 3)
+    gm = fxcomp.trace(TopLevelLoop(), x)  # the loop count depends on the batch: fixed at 2
+    torch.testing.assert_close(gm(x), x + 2)
+    info = CAPTURE.get(gm)
+    assert info["capture"] == "export" and info["static_axes"] == ["x axis 0 (size 2)"]
+    assert info["reason"].startswith("symbolic tracing failed: cannot trace the model's own")
+    assert CAPTURE.get(fxcomp.trace(nn.Linear(3, 3), x))["capture"] == "symbolic"
+
+
+def test_when_both_captures_fail_the_error_gives_both_causes():
+    with pytest.raises(TraceError) as info:
+        fxcomp.trace(GatedNet(), torch.randn(1, 3, 8, 8))
+    message = str(info.value)
+    assert message.startswith("symbolic tracing failed: cannot trace submodule 'blocks.1'")
+    assert "torch.export failed too: torch.export cannot capture the model at " in message
+    assert message.count("if x.sum() > 0:") == 2  # each cause with the user's source line
+    assert "leaf_modules=['blocks.1']" in message and "torch._check" in message
 
 
 def test_wrong_input_shape_names_the_node():
@@ -106,6 +127,10 @@ def test_unknown_leaf_name_suggests_close_ones():
 
 def test_bad_example_inputs_and_model():
     with pytest.raises(InputError, match="example_inputs must be a tensor"):
-        fxcomp.trace(GatedNet(), {"x": torch.randn(1)})
+        fxcomp.trace(GatedNet(), "x")
+    with pytest.raises(InputError, match="'y' is not a parameter of GatedNet.forward"):
+        fxcomp.trace(GatedNet(), {"y": torch.randn(1)})
+    with pytest.raises(InputError, match="unknown capture 'dynamo'"):
+        fxcomp.trace(GatedNet(), torch.randn(1, 3, 8, 8), capture="dynamo")
     with pytest.raises(InputError, match="must be a torch.nn.Module"):
         fxcomp.trace(lambda x: x, torch.randn(1))

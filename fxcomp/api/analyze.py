@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from fxcomp.ir.capture import capture
+from fxcomp.ir.capture import capture as _capture
 from fxcomp.ir.trace import LeafSpec
 from fxcomp.passes.fusion import fuse
 from fxcomp.pipeline.context import CompileContext
@@ -34,6 +34,7 @@ def analyze(
     engine: str = "x86",
     observer: str = "mse",
     per_channel: bool = True,
+    capture: str = "auto",
     leaf_modules: Iterable[LeafSpec] = (),
 ) -> Analysis:
     """Fuse a copy of ``model``, then measure what each layer's quantization for ``engine``
@@ -50,6 +51,7 @@ def analyze(
         calibration_data,
         QuantConfig(engine, observer, per_channel),
         eval_data=eval_data,
+        capture=capture,
         leaf_modules=leaf_modules,
     )
 
@@ -61,6 +63,7 @@ def analyze_config(
     config: QuantConfig,
     *,
     eval_data: Iterable[Any] | None = None,
+    capture: str = "auto",
     leaf_modules: Iterable[LeafSpec] = (),
 ) -> Analysis:
     """``analyze`` for a ``QuantConfig`` (the one a compile's passes declare).
@@ -69,7 +72,7 @@ def analyze_config(
 
         analysis = analyze_config(model, x, batches, QuantConfig("tensorrt"))
     """
-    captured = capture(model, example_inputs, leaf_modules=leaf_modules)
+    captured = _capture(model, example_inputs, capture=capture, leaf_modules=leaf_modules)
     inputs = captured.inputs
     fused, _ = PassManager([fuse()]).run(captured.module, CompileContext.from_inputs(inputs))
     return measure_layers(fused.graph_module, inputs, calibration_data, config, eval_data=eval_data)

@@ -15,7 +15,7 @@ import click
 from fxcomp.api.analyze import analyze
 from fxcomp.cli.calibration_data import calibration_batches
 from fxcomp.cli.model_spec import load_model, parse_shape
-from fxcomp.cli.options import engine_option, observer_option
+from fxcomp.cli.options import capture_options, engine_option, observer_option
 from fxcomp.ir.atomic import write_atomic
 from fxcomp.reporting.figures import png_bytes
 
@@ -41,7 +41,7 @@ __all__ = ["analyze_command"]
     type=click.Path(file_okay=False, path_type=Path),
     help="Also write analysis.json and analysis.png (per-layer SQNR bars) here.",
 )
-@click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
+@capture_options
 def analyze_command(
     model: str,
     input_shape: str,
@@ -51,6 +51,7 @@ def analyze_command(
     observer: str,
     as_json: bool,
     output_dir: Path | None,
+    capture: str,
     leaves: tuple[str, ...],
 ) -> None:
     """Rank MODEL's layers by what quantizing each one costs, with the statistics behind it."""
@@ -58,7 +59,15 @@ def analyze_command(
     data = calibration_batches(calib, shape, batches=calib_batches)
     network = load_model(model)
     example = data[0][: shape[0]]
-    result = analyze(network, example, data, engine=engine, observer=observer, leaf_modules=leaves)
+    result = analyze(
+        network,
+        example,
+        data,
+        engine=engine,
+        observer=observer,
+        capture=capture,
+        leaf_modules=leaves,
+    )
     text = json.dumps(result.to_dict(), indent=2)
     click.echo(text if as_json else result.table())
     if output_dir is not None:

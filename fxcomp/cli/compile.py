@@ -18,7 +18,13 @@ from fxcomp.api.compile import compile
 from fxcomp.backends import BACKENDS, check_request
 from fxcomp.cli.calibration_data import calibration_batches
 from fxcomp.cli.model_spec import load_model, parse_shape
-from fxcomp.cli.options import engine_option, given_flags, observer_option, passes_from_flags
+from fxcomp.cli.options import (
+    capture_options,
+    engine_option,
+    given_flags,
+    observer_option,
+    passes_from_flags,
+)
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import state_size
 
@@ -98,7 +104,7 @@ _PASS_FLAGS = (
     help="Time the artifact against the float model this many rounds (0: do not).",
 )
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
+@capture_options
 @click.pass_context
 def compile_command(
     ctx: click.Context,
@@ -114,6 +120,7 @@ def compile_command(
     with_analysis: bool,
     latency_rounds: int,
     output_dir: Path,
+    capture: str,
     leaves: tuple[str, ...],
     **_: Any,
 ) -> None:
@@ -133,6 +140,7 @@ def compile_command(
         passes,
         backend,
         output_dir,
+        capture=capture,
         leaf_modules=leaves,
         calibration_data=data,
         backend_options=options,

@@ -14,7 +14,7 @@ import torch
 
 from fxcomp.api.compile import compile
 from fxcomp.cli.model_spec import load_model, parse_shape
-from fxcomp.cli.options import passes_from_flags
+from fxcomp.cli.options import capture_options, passes_from_flags
 from fxcomp.reporting.dump import FORMATS, DumpAfterEach, render_graph, render_groups
 
 __all__ = ["dump", "list_passes"]
@@ -39,7 +39,7 @@ __all__ = ["dump", "list_passes"]
 )
 @click.option("--explain", is_flag=True, help="Show why rewrite rules did not apply.")
 @click.option("--groups", is_flag=True, help="List the channel groups pruning works on.")
-@click.option("--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing.")
+@capture_options
 def dump(
     model: str,
     input_shapes: tuple[str, ...],
@@ -48,6 +48,7 @@ def dump(
     after_each: Path | None,
     explain: bool,
     groups: bool,
+    capture: str,
     leaves: tuple[str, ...],
 ) -> None:
     """Trace MODEL, run --passes, and print its graph.
@@ -58,7 +59,10 @@ def dump(
     torch.manual_seed(0)
     inputs = tuple(torch.randn(parse_shape(s)) for s in input_shapes)
     hooks = [DumpAfterEach(after_each, fmt)] if after_each else []
-    result = compile(load_model(model), inputs, passes, leaf_modules=leaves, after_pass=hooks)
+    network = load_model(model)
+    result = compile(
+        network, inputs, passes, capture=capture, leaf_modules=leaves, after_pass=hooks
+    )
     notes = result.report.notes if explain else ()
     click.echo(
         render_groups(result.module) if groups else render_graph(result.module, fmt, notes=notes)

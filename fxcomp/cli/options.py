@@ -18,15 +18,38 @@ from typing import Any
 
 import click
 
+from fxcomp.ir.capture import CAPTURES
 from fxcomp.ir.errors import InputError
 from fxcomp.quant.observers import OBSERVERS
 from fxcomp.quant.scheme import ENGINES
 
-__all__ = ["engine_option", "given_flags", "observer_option", "passes_from_flags"]
+__all__ = [
+    "capture_options",
+    "engine_option",
+    "given_flags",
+    "observer_option",
+    "passes_from_flags",
+]
 
 observer_option = click.option(
     "--observer", type=click.Choice(list(OBSERVERS)), default="mse", show_default=True
 )
+
+
+def capture_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--capture`` (``auto``: symbolic tracing, or ``torch.export`` where it fails) and
+    ``--leaf`` (a submodule symbolic tracing keeps opaque), as ``capture`` and ``leaves``."""
+    command = click.option(
+        "--leaf", "leaves", multiple=True, help="Submodule to keep opaque when tracing."
+    )(command)
+    return click.option(
+        "--capture",
+        type=click.Choice(CAPTURES),
+        default="auto",
+        show_default=True,
+        help="How the model becomes a graph: symbolic tracing, torch.export, or the first "
+        "that works.",
+    )(command)
 
 
 def engine_option(*, kernels_only: bool = False) -> Callable[[Any], Any]:

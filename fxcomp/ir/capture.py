@@ -255,9 +255,21 @@ def _static_axes(exported: Any, wanted: Any) -> list[str]:
     for node, axes in zip(placeholders, asked, strict=False):
         value = node.meta.get("val")
         for axis in axes or {}:
-            if isinstance(value, torch.Tensor) and isinstance(value.shape[axis], int):
-                fixed.append(f"{node.name} axis {axis} (size {value.shape[axis]})")
+            if isinstance(value, torch.Tensor) and _fixed(exported, value.shape[axis]):
+                fixed.append(f"{node.name} axis {axis} (size {int(value.shape[axis])})")
     return fixed
+
+
+def _fixed(exported: Any, size: Any) -> bool:
+    """Whether an exported input size is a constant: an int, a symbol the export resolved
+    to a number, or one whose range holds a single value."""
+    if isinstance(size, int):
+        return True
+    expr = size.node.expr
+    if expr.is_number:
+        return True
+    bounds = exported.range_constraints.get(expr)
+    return bounds is not None and bounds.lower == bounds.upper
 
 
 def _user_inputs(exported: Any) -> set[str]:
