@@ -61,6 +61,9 @@ class TorchScriptBackend(Backend):
             "format": 1,
             "engine": engine,
             "specialised_for": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+            "input_dtypes": [
+                str(t.dtype).removeprefix("torch.") for t in inputs if isinstance(t, torch.Tensor)
+            ],
             "torch": torch.__version__,
         }
         expected = expected_outputs(gm, ctx.state.reference_outputs, inputs)
@@ -106,9 +109,11 @@ class TorchScriptBackend(Backend):
         except Exception as err:
             raise BackendError(f"cannot load {path}: {err}") from err
         shapes = input_shapes or manifest.get("specialised_for") or []
+        dtypes = [*manifest.get("input_dtypes", ()), *["float32"] * len(shapes)][: len(shapes)]
         with torch.no_grad():
-            if shapes:
-                module(*(torch.zeros(shape) for shape in shapes))
+            if shapes:  # zeros: valid token ids and masks too
+                pairs = zip(shapes, dtypes, strict=True)
+                module(*(torch.zeros(s, dtype=getattr(torch, d)) for s, d in pairs))
         return module
 
 

@@ -11,10 +11,13 @@ capture ran:
   name (``encoder.layer.3.attention.self.query``);
 * the same ops on other tensors (a tied weight, a subclass's parameters) become their
   ``torch.nn.functional`` form;
-* every other ATen op with a torch-level equivalent the passes know becomes that function,
-  method or operator (``aten.view`` -> ``.view()``, ``aten.add.Tensor`` -> ``+``,
-  ``aten.scaled_dot_product_attention`` -> ``F.scaled_dot_product_attention``); an in-place
-  op becomes its out-of-place form where nothing reads the mutated tensor afterwards;
+* every other ATen op with a torch-level equivalent becomes it: the functions, methods and
+  operators the passes know by a table (``aten.view`` -> ``.view()``, ``aten.add.Tensor``
+  -> ``+``, ``aten.scaled_dot_product_attention`` -> ``F.scaled_dot_product_attention``,
+  ``aten.slice`` -> ``x[..., a:b]``), the rest by name (``aten.arange`` -> ``torch.arange``,
+  ``aten.new_ones`` -> ``.new_ones()``), which scripting and ONNX export take with sizes
+  computed in the graph; an in-place op becomes its out-of-place form where nothing reads
+  the mutated tensor afterwards;
 * dropout (the model is in eval mode), tensor-metadata asserts, the export's shape guards
   and conversions to the dtype and device a tensor already has are dropped.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -208,6 +212,28 @@ def _functional(node: Node) -> tuple[Any, tuple, dict] | None:
         return None  # alpha= has no operator form
     if target in _FUNCTIONS:
         return _FUNCTIONS[target], args, kwargs
+    if target is aten.slice.Tensor:
+        dim, start, end, step = (*args[1:], *(None,) * 4)[:4]
+        window = slice(start, end if end != sys.maxsize else None, step if step != 1 else None)
+        return operator.getitem, (args[0], (*(slice(None),) * (dim or 0), window)), {}
+    if target is aten.index.Tensor:
+        where = tuple(slice(None) if i is None else i for i in args[1])
+        return operator.getitem, (args[0], where), {}
+    return _by_name(target, args, kwargs)
+
+
+def _by_name(target: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple, dict] | None:
+    """``torch.NAME`` (or the tensor method ``NAME``) for ``aten.NAME.overload``: the public
+    function ATen generates it from, with the same arguments."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target.overloadpacket.__name__
+    if name.startswith("_") or name.endswith("_"):
+        return None
+    if callable(getattr(torch, name, None)):
+        return getattr(torch, name), args, kwargs
+    if callable(getattr(torch.Tensor, name, None)) and args and isinstance(args[0], Node):
+        return name, args, kwargs  # a method: call_method
     return None
 
 
@@ -273,7 +299,8 @@ def lift(root: nn.Module, exported: GraphModule) -> GraphModule:
         elif target in _METHODS:
             new = graph.call_method(_METHODS[target], load(node.args), load(node.kwargs))
         elif (call := _functional(node)) is not None:
-            new = graph.call_function(call[0], load(call[1]), load(call[2]))
+            kind = graph.call_method if isinstance(call[0], str) else graph.call_function
+            new = kind(call[0], load(call[1]), load(call[2]))
         else:
             new = graph.node_copy(node, env.__getitem__)
         env[node] = copy_meta(node, new)

@@ -213,6 +213,8 @@ def script(gm: GraphModule, example_inputs: tuple, engine: str) -> torch.jit.Scr
     """
     try:
         with packing_engine(engine), deprecated_apis(), torch.no_grad():
-            return torch.jit.freeze(torch.jit.trace(gm.eval(), example_inputs).eval())
+            # strict=False: a captured model may return a dict (a ModelOutput) of fixed keys
+            traced = torch.jit.trace(gm.eval(), example_inputs, strict=False)
+            return torch.jit.freeze(traced.eval())
     except Exception as err:
         raise BackendError(f"TorchScript export failed: {type(err).__name__}: {err}") from err

@@ -20,7 +20,8 @@ per-channel          tensorrt    a Conv weight with one (per-tensor) scale
 axis                 both        a per-channel weight quantized along another axis than the
                                  output channels (Conv: 0; Gemm: 0 if transB else 1;
                                  MatMul: the last)
-unquantized-input    both        a Conv/Gemm/MatMul with Q/DQ on only one of its two inputs
+unquantized-input    both        a Conv/Gemm/MatMul with a weight (a constant input 1) and Q/DQ
+                                 on only one of its two inputs
 add-one-side         both        an Add of two activations with Q/DQ on only one of them
 qdq-inside-fusion    tensorrt    Conv -> Q -> DQ -> Relu/BatchNormalization: blocks fusion
 unfolded-bn          tensorrt    a BatchNormalization left in a quantized graph

@@ -141,6 +141,8 @@ def _unquantized_input(g: QdqGraph) -> Iterator[Violation]:
     for node in g.nodes:
         if node.op_type not in COMPUTE or len(node.input) < 2:
             continue
+        if g.weight_dq(node) is None and not g.is_constant(node.input[1]):
+            continue  # two activations (attention's MatMuls): no weight to keep quantized
         activation, weight = g.dq_into(node, 0), g.dq_into(node, 1)
         if (activation is None) == (weight is None):
             continue
