@@ -107,8 +107,10 @@ def capture(
         if symbolic_error is not None
         else f"capture={capture!r} was asked for"
     )
-    given = [n for n in bound.names if n in bound.given] if bound.names else None
-    inputs = tuple(bound.kwargs().values()) if bound.names else bound.values
+    settings = bound.settings()
+    given = [n for n in bound.kwargs() if n not in settings] if bound.names else None
+    inputs = tuple(v for n, v in bound.kwargs().items() if n not in settings)
+    inputs = inputs if bound.names else bound.values
     return _done(gm, inputs, "export", reason, given, static)
 
 
@@ -157,6 +159,11 @@ class _Bound:
         pairs = zip(self.names or (), self.values, strict=False)
         return {n: v for n, v in pairs if n in self.given}
 
+    def settings(self) -> dict[str, Any]:
+        """The keyword inputs given that are not tensors (``use_cache=False``): fixed in the
+        graph, not inputs of it."""
+        return {n: v for n, v in self.kwargs().items() if not isinstance(v, torch.Tensor)}
+
 
 def _bind(root: nn.Module, example_inputs: Any) -> _Bound:
     if isinstance(example_inputs, torch.Tensor):
@@ -191,7 +198,8 @@ def _export(root: nn.Module, bound: _Bound, dynamic_shapes: Any) -> tuple[GraphM
     """The model exported (non-strict) and lifted; the input axes that stayed static."""
     args, kwargs = ((), bound.kwargs()) if bound.names else (bound.values, {})
     if dynamic_shapes is not None:
-        return lift(root, _run_export(root, args, kwargs, dynamic_shapes).module()), []
+        exported = _run_export(root, args, kwargs, dynamic_shapes)
+        return lift(root, exported.module(), bound.settings()), []
     axes = _default_dynamic(args, kwargs)
     wide = _widened(kwargs or args, axes)
     try:
@@ -200,8 +208,8 @@ def _export(root: nn.Module, bound: _Bound, dynamic_shapes: Any) -> tuple[GraphM
             exported = _run_export(root, args, kwargs, axes)
     except TraceError:
         exported = _run_export(root, args, kwargs, None)
-        return lift(root, exported.module()), ["every input axis (the model fixes its shapes)"]
-    return lift(root, exported.module()), _static_axes(exported, axes)
+        return lift(root, exported.module(), bound.settings()), ["every input axis"]
+    return lift(root, exported.module(), bound.settings()), _static_axes(exported, axes)
 
 
 def _default_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import tree_structure, tree_unflatten
 
 __all__ = ["lift"]
 
@@ -255,14 +256,19 @@ def _same_tensor(node: Node) -> bool:
     )
 
 
-def lift(root: nn.Module, exported: GraphModule) -> GraphModule:
+def lift(
+    root: nn.Module, exported: GraphModule, settings: dict[str, Any] | None = None
+) -> GraphModule:
     """The graph of ``exported`` (``ExportedProgram.module()``) over ``root`` (the model it
-    was exported from) in module-level form (module docstring).
+    was exported from) in module-level form (module docstring). ``settings`` are keyword
+    inputs that are not tensors (``use_cache=False``): they become constants, and the lifted
+    module no longer takes them.
 
     Example::
 
         gm = lift(model, torch.export.export(model, (x,), strict=False).module())
     """
+    settings = settings or {}
     graph = Graph()
     env: dict[Node, Any] = {}
     order = {node: i for i, node in enumerate(exported.graph.nodes)}
@@ -279,6 +285,9 @@ def lift(root: nn.Module, exported: GraphModule) -> GraphModule:
     for node in exported.graph.nodes:
         target = node.target
         if node.op == "call_module" and str(target) == "_guards_fn":
+            continue
+        if node.op == "placeholder" and node.target in settings:
+            env[node] = settings[str(node.target)]
             continue
         if node.op != "call_function":
             env[node] = graph.node_copy(node, env.__getitem__)
@@ -304,15 +313,28 @@ def lift(root: nn.Module, exported: GraphModule) -> GraphModule:
         else:
             new = graph.node_copy(node, env.__getitem__)
         env[node] = copy_meta(node, new)
-    graph._codegen = copy.deepcopy(exported.graph._codegen)
+    graph._codegen = _without(exported.graph._codegen, settings)
     for node in reversed(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
     lifted = GraphModule(_with_constants(root, exported, graph), graph, type(root).__name__)
-    for spec in ("_in_spec", "_out_spec"):
-        if hasattr(exported, spec):
-            setattr(lifted, spec, getattr(exported, spec))
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:
+        lifted._in_spec, lifted._out_spec = info.in_spec, info.out_spec
     return lifted
+
+
+def _without(codegen: Any, settings: dict[str, Any]) -> Any:
+    """The export's calling convention without the keyword inputs in ``settings``."""
+    codegen = copy.deepcopy(codegen)
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or not settings:
+        return codegen
+    args, kwargs = tree_unflatten(list(range(info.in_spec.num_leaves)), info.in_spec)
+    kept = {k: v for k, v in kwargs.items() if k not in settings}
+    orig_args = [a for a in info.orig_args if a not in settings]
+    codegen.pytree_info = info._replace(orig_args=orig_args, in_spec=tree_structure((args, kept)))
+    return codegen
 
 
 def _lookup(module: Any, name: str) -> Any:
