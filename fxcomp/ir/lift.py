@@ -124,79 +124,112 @@ def _attr(node: Any) -> str | None:
     return str(node.target) if isinstance(node, Node) and node.op == "get_attr" else None
 
 
-def _owner(root: nn.Module, names: list[str | None], suffixes: tuple[str, ...]) -> str | None:
-    """The layer whose parameters ``names`` are (``prefix.weight``, ``prefix.bias``, ...), if
-    they are exactly its ``suffixes``; a missing tensor must be one the layer lacks too."""
-    prefix = next((n.rpartition(".")[0] for n in names if n is not None), None)
-    if prefix is None:
-        return None
-    try:
-        layer = root.get_submodule(prefix)
-    except AttributeError:
-        return None
-    for name, suffix in zip(names, suffixes, strict=True):
-        if name is None and getattr(layer, suffix, None) is not None:
-            return None
-        if name is not None and name != f"{prefix}.{suffix}":
-            return None
-    return prefix
-
-
 def _arg(node: Node, index: int, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
-def _layer_of(root: nn.Module, node: Node) -> tuple[str, Any] | None:
-    """(qualified name, input) when ``node`` computes exactly a ``torch.nn`` layer of the
-    model on its own parameters."""
-    target = node.target
-    if target is aten.linear.default:
-        prefix = _owner(root, [_attr(_arg(node, 1)), _attr(_arg(node, 2))], ("weight", "bias"))
-        kind, matches = nn.Linear, lambda m: True
-    elif target in _CONVS:
-        prefix = _owner(root, [_attr(_arg(node, 1)), _attr(_arg(node, 2))], ("weight", "bias"))
-        kind = _CONVS[target]
+def _aliases(root: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every name of each parameter and buffer (a tied weight has several), by name."""
+    names: dict[int, list[str]] = {}
+    tensors = root.named_parameters(remove_duplicate=False)
+    for name, tensor in [*tensors, *root.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    return {name: tuple(group) for group in names.values() for name in group}
 
-        def matches(m: nn.Module) -> bool:
+
+class _Layers:
+    """Finds the ``torch.nn`` layer an ATen op computes exactly, on its own parameters."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.aliases = _aliases(root)
+
+    def owner(self, names: list[str | None], suffixes: tuple[str, ...], kind: Any) -> str | None:
+        """The layer of exactly ``kind`` whose ``suffixes`` (``weight``, ``bias``, ...) the
+        tensors ``names`` are, under any of their names; a missing tensor (None) must be
+        one the layer lacks too."""
+        first = next((n for n in names if n is not None), None)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        for alias in self.aliases.get(first, (first,)) if first else ():
+            prefix = alias.rpartition(".")[0]
+            try:
+                layer = self.root.get_submodule(prefix)
+            except AttributeError:
+                continue
+            if type(layer) in kinds and all(
+                getattr(layer, suffix, None) is None
+                if name is None
+                else f"{prefix}.{suffix}" in self.aliases.get(name, (name,))
+                for name, suffix in zip(names, suffixes, strict=True)
+            ):
+                return prefix
+        return None
+
+    def __call__(self, node: Node) -> tuple[str, Any] | None:
+        """(qualified name, input) when ``node`` computes exactly a layer of the model."""
+        target = node.target
+        weight_bias = [_attr(_arg(node, 1)), _attr(_arg(node, 2))]
+        if target is aten.linear.default:
+            prefix = self.owner(weight_bias, ("weight", "bias"), nn.Linear)
+            return (prefix, node.args[0]) if prefix else None
+        if target in _CONVS:
+            prefix = self.owner(weight_bias, ("weight", "bias"), _CONVS[target])
+            conv = self.root.get_submodule(prefix) if prefix else None
             settings = [_arg(node, i, d) for i, d in ((3, 1), (4, 0), (5, 1), (6, 1))]
-            rank = len(m.kernel_size)
-            wanted = [m.stride, m.padding, m.dilation, m.groups]
+            if conv is None or conv.padding_mode != "zeros":
+                return None
+            rank = len(conv.kernel_size)
             given = [tuple(s) if isinstance(s, list | tuple) else (s,) * rank for s in settings[:3]]
-            return m.padding_mode == "zeros" and [*given, settings[3]] == wanted
-    elif target is aten.batch_norm.default:
-        names = [_attr(_arg(node, i)) for i in (1, 2, 3, 4)]
-        prefix = _owner(root, names, ("weight", "bias", "running_mean", "running_var"))
-        kind = _BATCHNORMS
-
-        def matches(m: nn.Module) -> bool:
-            return _arg(node, 5) is False and _arg(node, 7) == m.eps
-    elif target is aten.layer_norm.default:
-        prefix = _owner(root, [_attr(_arg(node, 2)), _attr(_arg(node, 3))], ("weight", "bias"))
-        kind = nn.LayerNorm
-
-        def matches(m: nn.Module) -> bool:
-            return tuple(_arg(node, 1)) == m.normalized_shape and _arg(node, 4, 1e-5) == m.eps
-    elif target is aten.group_norm.default:
-        prefix = _owner(root, [_attr(_arg(node, 2)), _attr(_arg(node, 3))], ("weight", "bias"))
-        kind = nn.GroupNorm
-
-        def matches(m: nn.Module) -> bool:
-            return _arg(node, 1) == m.num_groups and _arg(node, 4, 1e-5) == m.eps
-    elif target is aten.embedding.default:
-        prefix = _owner(root, [_attr(_arg(node, 0))], ("weight",))
-        kind = nn.Embedding
-
-        def matches(m: nn.Module) -> bool:
-            return m.max_norm is None
-    else:
+            wanted = [conv.stride, conv.padding, conv.dilation, conv.groups]
+            return (prefix, node.args[0]) if [*given, settings[3]] == wanted else None
+        if target is aten.batch_norm.default:
+            names = [_attr(_arg(node, i)) for i in (1, 2, 3, 4)]
+            suffixes = ("weight", "bias", "running_mean", "running_var")
+            prefix = self.owner(names, suffixes, _BATCHNORMS)
+            exact = prefix and _arg(node, 5) is False
+            return (prefix, node.args[0]) if exact and _arg(node, 7) == self._eps(prefix) else None
+        if target in (aten.layer_norm.default, aten.group_norm.default):
+            names = [_attr(_arg(node, 2)), _attr(_arg(node, 3))]
+            kind = nn.LayerNorm if target is aten.layer_norm.default else nn.GroupNorm
+            prefix = self.owner(names, ("weight", "bias"), kind)
+            if prefix is None or _arg(node, 4, 1e-5) != self._eps(prefix):
+                return None
+            layer = self.root.get_submodule(prefix)
+            shape = layer.normalized_shape if kind is nn.LayerNorm else layer.num_groups
+            given = _arg(node, 1)
+            return (
+                (prefix, node.args[0])
+                if (tuple(given) if kind is nn.LayerNorm else given) == shape
+                else None
+            )
+        if target is aten.embedding.default:
+            prefix = self.owner([_attr(_arg(node, 0))], ("weight",), nn.Embedding)
+            plain = prefix and self.root.get_submodule(prefix).max_norm is None
+            return (prefix, node.args[1]) if plain else None
+        if target is aten.addmm.default and not node.kwargs:
+            return self._conv1d(node)
         return None
-    if prefix is None:
-        return None
-    layer = root.get_submodule(prefix)
-    exact = type(layer) in (kind if isinstance(kind, tuple) else (kind,))
-    if not exact or not matches(layer):
-        return None
-    return prefix, node.args[1] if target is aten.embedding.default else node.args[0]
+
+    def _eps(self, prefix: str) -> float:
+        return self.root.get_submodule(prefix).eps
+
+    def _conv1d(self, node: Node) -> tuple[str, Any] | None:
+        """``addmm(bias, x, weight)`` on a Hugging Face ``Conv1D`` (a Linear that stores its
+        weight transposed): the layer becomes the ``nn.Linear`` it is, under its name."""
+        names = [_attr(_arg(node, 2)), _attr(_arg(node, 0))]
+        first = names[0]
+        prefix = first.rpartition(".")[0] if first else None
+        layer = _lookup(self.root, prefix) if prefix else None
+        if type(layer).__name__ != "Conv1D" or names != [f"{prefix}.weight", f"{prefix}.bias"]:
+            return None
+        inputs, outputs = layer.weight.shape
+        linear = nn.Linear(inputs, outputs)
+        linear.weight = nn.Parameter(layer.weight.detach().t().contiguous())
+        linear.bias = layer.bias
+        self.root.set_submodule(prefix, linear)
+        for name in (f"{prefix}.weight", f"{prefix}.bias"):
+            self.aliases[name] = (name,)
+        return prefix, node.args[1]
 
 
 def _functional(node: Node) -> tuple[Any, tuple, dict] | None:
@@ -282,6 +315,7 @@ def lift(
     def load(value: Any) -> Any:
         return torch.fx.node.map_arg(value, env.__getitem__)
 
+    layers = _Layers(root)
     for node in exported.graph.nodes:
         target = node.target
         if node.op == "call_module" and str(target) == "_guards_fn":
@@ -301,7 +335,7 @@ def lift(
             target = _IN_PLACE[target]
             node = copy.copy(node)  # read with the out-of-place target below
             node.target = target
-        layer = _layer_of(root, node) if isinstance(target, torch._ops.OpOverload) else None
+        layer = layers(node) if isinstance(target, torch._ops.OpOverload) else None
         if layer is not None:
             name, x = layer
             new = graph.call_module(name, (load(x),))

@@ -51,8 +51,9 @@ def freeze_qparams(gm: GraphModule, ctx: CompileContext) -> PassResult:
         inputs = tensor_inputs(node)
         if kind == "weighted" and inputs and grid_of(gm, inputs[0]) is not None:
             layer = gm.get_submodule(str(node.target))
-            replace_module(gm, str(node.target), QuantizedWeightLayer(layer, weight_scheme))
-            changed = True
+            if not isinstance(layer, QuantizedWeightLayer):  # a layer called twice: once
+                replace_module(gm, str(node.target), QuantizedWeightLayer(layer, weight_scheme))
+                changed = True
         elif kind == "requant" and inputs and (grid := grid_of(gm, inputs[0])) is not None:
             name = f"{node.name}_requant"
             gm.add_submodule(name, QuantDequant(grid.scale, grid.zero_point, grid.scheme))

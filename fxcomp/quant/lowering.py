@@ -96,6 +96,7 @@ class _Lowering:
         self.grids: dict[Node, Grid] = {}
         self.floats: dict[Node, Node] = {}
         self.modules: dict[str, nn.Module] = {}
+        self.renamed: dict[Node, str] = {}
 
     def emit(self, op: str, target: Any, args: tuple, kwargs: dict | None = None) -> Node:
         node = self.graph.create_node(op, target, args, kwargs or {})
@@ -126,7 +127,10 @@ class _Lowering:
         gm = rebuilt(self.gm, self.graph)
         for name, module in self.modules.items():
             gm.add_submodule(name, module)
+        for node, name in self.renamed.items():  # now that the module is there
+            node.target = name
         gm.delete_all_unused_submodules()
+        gm.recompile()
         return gm
 
     def lower(self, node: Node) -> Node:
@@ -172,8 +176,14 @@ class _Lowering:
         scale, zero_point = out[0], out[1]
         if isinstance(module, QuantizedWeightLayer):
             name = str(node.target)
-            self.modules[name] = quantized_layer(module, out)
-            return self.emit("call_module", name, (args[0],))
+            if name not in self.modules:
+                self.modules[name] = quantized_layer(module, out)
+                return self.emit("call_module", name, (args[0],))
+            # a layer called again: this call has its own output grid, so its own kernel
+            again = f"{name}_{sum(n.startswith(name) for n in self.modules)}"
+            self.modules[again] = quantized_layer(module, out)
+            self.renamed[call := self.emit("call_module", name, (args[0],))] = again
+            return call
         if kind == "binary" and (op := _BINARY.get(node.target)) is not None:
             return self.emit("call_function", op, (args[0], args[1], scale, zero_point))
         if kind == "cat":

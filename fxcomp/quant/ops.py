@@ -193,13 +193,25 @@ def _is_query(node: Node) -> bool:
     )
 
 
+def _floating(node: Node) -> bool:
+    """Whether ``node`` and the tensors it reads are floating point (integer tensors, token
+    ids and masks, are never quantized)."""
+    metas = [
+        node.meta.get("tensor_meta"),
+        *(n.meta.get("tensor_meta") for n in tensor_inputs(node)),
+    ]
+    leaves = [m for meta in metas for m in ([meta] if hasattr(meta, "shape") else meta or ())]
+    return all(m.dtype.is_floating_point for m in leaves if hasattr(m, "dtype"))
+
+
 def kind_of(gm: GraphModule, node: Node, skip: Iterable[SkipSpec] = ()) -> str:
-    """The quantization kind of ``node`` (one of ``KINDS``); skipped nodes are ``float``."""
+    """The quantization kind of ``node`` (one of ``KINDS``); skipped nodes, and nodes on
+    integer tensors, are ``float``."""
     if _is_query(node):
         return "query"
     if node.op not in ("call_module", "call_function", "call_method") or not _is_tensor(node):
         return "float"
-    if _skipped(gm, node, skip):
+    if _skipped(gm, node, skip) or not _floating(node):
         return "float"
     if node.op == "call_module":
         module = gm.get_submodule(str(node.target))
