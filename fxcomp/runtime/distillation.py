@@ -61,10 +61,13 @@ class DistillOptions:
 
 
 def _tapped(gm: GraphModule, names: list[str]) -> GraphModule:
-    """``gm`` (sharing its modules) returning ``(output, *values of names)``."""
+    """``gm`` (sharing its modules) returning ``(output, *values of names)``; of a model
+    with several outputs (a captured ``ModelOutput``: logits first), the first."""
     graph = Graph()
     env: dict[Node, Node] = {}
     out = graph.graph_copy(gm.graph, env)
+    while isinstance(out, tuple | list):
+        out = out[0]
     by_name = {node.name: env[node] for node in gm.graph.nodes if node in env}
     graph.output((out, *(by_name[n] for n in names)))
     return GraphModule(gm, graph, "Tapped")

@@ -107,7 +107,13 @@ def export(
         f"input_{i}" if len(example_inputs) > 1 else "input" for i in range(len(example_inputs))
     ]
     buffer = io.BytesIO()
-    axes = {name: {0: "batch"} for name in [*inputs, "output"]} if dynamic_batch else None
+    axes = None
+    if dynamic_batch:  # and the sequence of token ids and masks
+        axes = {
+            name: {0: "batch", 1: "sequence"} if _is_tokens(x) else {0: "batch"}
+            for name, x in zip(inputs, example_inputs, strict=True)
+        }
+        axes["output"] = {0: "batch"}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -130,6 +136,11 @@ def export(
     if fp16_weights:
         _store_half(model.graph)
     return model
+
+
+def _is_tokens(x: object) -> bool:
+    """An integer input of rank 2 or more: token ids or a mask, (batch, sequence, ...)."""
+    return isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point()
 
 
 def _flatten_as_reshape(graph: onnx.GraphProto) -> None:
