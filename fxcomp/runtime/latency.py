@@ -2,9 +2,11 @@
 
 Timings on shared machines are noisy, so each round runs every model once on each input,
 and the median of the rounds is reported; compare models by their ratio, measured in the
-same call. Within a round the models take turns on one input before the next input, and
-their order rotates from round to round: a model that always ran right after another's
-large batch would pay for that batch's effect on the caches and clocks.
+same call, next to an A/A line (one model timed under two names) for the noise floor.
+Within a round the models take turns on one input before the next input, and the rounds go
+through every order of the models in turn: a model that always ran right after another's
+large batch would pay for that batch's effect on the caches and clocks (rotating one order
+keeps who follows whom).
 
 Example::
 
@@ -15,8 +17,10 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -52,16 +56,26 @@ def describe_cpu() -> str:
     return f"{name} ({', '.join(found)}, {os.cpu_count()} cores)"
 
 
+def _orders(names: list[str], count: int) -> list[tuple[str, ...]]:
+    """``count`` orders of ``names``: every permutation in turn, or seeded shuffles."""
+    if len(names) <= 5:
+        every = list(itertools.permutations(names))
+        return [every[i % len(every)] for i in range(count)]
+    shuffler = random.Random(0)
+    return [tuple(shuffler.sample(names, len(names))) for _ in range(count)]
+
+
 def median_latency(
     models: Mapping[str, Callable[..., Any]], inputs: Sequence[tuple[Any, ...]], rounds: int
 ) -> dict[str, list[float]]:
     """Median milliseconds of each model on each input tuple, over ``rounds`` interleaved
-    rounds (one warm-up round first)."""
+    rounds (one warm-up round first). Round ``r`` runs the models in the ``r``-th of all
+    their orders (a seeded shuffle when there are more than five models), so that no model
+    always follows the same one."""
     times: dict[str, list[list[float]]] = {name: [[] for _ in inputs] for name in models}
-    names = list(models)
+    orders = _orders(list(models), rounds + 1)
     with torch.no_grad():
-        for round_ in range(rounds + 1):
-            order = names[round_ % len(names) :] + names[: round_ % len(names)]
+        for round_, order in enumerate(orders):
             for i, args in enumerate(inputs):
                 for name in order:
                     start = time.perf_counter()
