@@ -128,3 +128,12 @@ def image() -> torch.Tensor:
 @pytest.fixture
 def ctx(image: torch.Tensor) -> CompileContext:
     return CompileContext.from_inputs((image,))
+
+
+def non_degenerate(model: nn.Module) -> nn.Module:
+    """Zero-initialised weight matrices (ViT heads) would make every output 0."""
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.dim() >= 2 and not p.any():
+            p.data.normal_(0, 0.02, generator=gen)
+    return randomize_batchnorm(model)

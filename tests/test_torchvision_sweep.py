@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 import fxcomp
-from tests.conftest import randomize_batchnorm, relative_error
+from tests.conftest import non_degenerate, relative_error
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 TOO_LARGE = {"regnet_y_128gf", "vit_h_14"}
@@ -27,20 +27,11 @@ def test_the_skipped_models_are_exactly_those_over_500m_parameters():
     assert {m for m, n in sizes.items() if n > 500e6} == TOO_LARGE
 
 
-def _non_degenerate(model: nn.Module) -> nn.Module:
-    """Zero-initialised weight matrices (ViT heads) would make every output 0."""
-    gen = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        if p.dim() >= 2 and not p.any():
-            p.data.normal_(0, 0.02, generator=gen)
-    return randomize_batchnorm(model)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [m for m in MODELS if m not in TOO_LARGE])
 def test_trace_and_fuse_keeps_the_output(name):
     torch.manual_seed(0)
-    model = _non_degenerate(torchvision.models.get_model(name, weights=None)).eval()
+    model = non_degenerate(torchvision.models.get_model(name, weights=None)).eval()
     size = 299 if name == "inception_v3" else 224
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():

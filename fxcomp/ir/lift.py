@@ -36,6 +36,7 @@ import copy
 import operator
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,7 +125,7 @@ def _attr(node: Any) -> str | None:
     return str(node.target) if isinstance(node, Node) and node.op == "get_attr" else None
 
 
-def _arg(node: Node, index: int, default: Any = None) -> Any:
+def _arg(node: Any, index: int, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else default
 
 
@@ -165,7 +166,7 @@ class _Layers:
                 return prefix
         return None
 
-    def __call__(self, node: Node) -> tuple[str, Any] | None:
+    def __call__(self, node: _Op) -> tuple[str, Any] | None:
         """(qualified name, input) when ``node`` computes exactly a layer of the model."""
         target = node.target
         weight_bias = [_attr(_arg(node, 1)), _attr(_arg(node, 2))]
@@ -213,7 +214,7 @@ class _Layers:
     def _eps(self, prefix: str) -> float:
         return self.root.get_submodule(prefix).eps
 
-    def _conv1d(self, node: Node) -> tuple[str, Any] | None:
+    def _conv1d(self, node: _Op) -> tuple[str, Any] | None:
         """``addmm(bias, x, weight)`` on a Hugging Face ``Conv1D`` (a Linear that stores its
         weight transposed): the layer becomes the ``nn.Linear`` it is, under its name."""
         names = [_attr(_arg(node, 2)), _attr(_arg(node, 0))]
@@ -232,7 +233,16 @@ class _Layers:
         return prefix, node.args[1]
 
 
-def _functional(node: Node) -> tuple[Any, tuple, dict] | None:
+@dataclass(frozen=True)
+class _Op:
+    """A call to lift: its target (out of place where that is safe) and arguments."""
+
+    target: Any
+    args: tuple
+    kwargs: dict
+
+
+def _functional(node: _Op) -> tuple[Any, tuple, dict] | None:
     """The torch-level ``(target, args, kwargs)`` for ``node``, or None to keep it."""
     target, args, kwargs = node.target, tuple(node.args), dict(node.kwargs)
     if target is aten.batch_norm.default and not args[5]:  # F.batch_norm's order
@@ -333,15 +343,14 @@ def lift(
             continue
         if target in _IN_PLACE and _mutation_is_local(node, order):
             target = _IN_PLACE[target]
-            node = copy.copy(node)  # read with the out-of-place target below
-            node.target = target
-        layer = layers(node) if isinstance(target, torch._ops.OpOverload) else None
+        op = _Op(target, tuple(node.args), dict(node.kwargs))
+        layer = layers(op) if isinstance(target, torch._ops.OpOverload) else None
         if layer is not None:
             name, x = layer
             new = graph.call_module(name, (load(x),))
         elif target in _METHODS:
             new = graph.call_method(_METHODS[target], load(node.args), load(node.kwargs))
-        elif (call := _functional(node)) is not None:
+        elif (call := _functional(op)) is not None:
             kind = graph.call_method if isinstance(call[0], str) else graph.call_function
             new = kind(call[0], load(call[1]), load(call[2]))
         else:
@@ -387,7 +396,9 @@ def _with_constants(root: nn.Module, exported: GraphModule, graph: Graph) -> nn.
         name = str(node.target)
         if _lookup(root, name) is None:
             owner, _, attribute = name.rpartition(".")
-            _lookup(root, owner).register_buffer(
-                attribute, _lookup(exported, name), persistent=False
-            )
+            value, holder = _lookup(exported, name), _lookup(root, owner)
+            if isinstance(value, nn.Module):  # the body of a higher-order op
+                holder.add_module(attribute, value)
+            else:
+                holder.register_buffer(attribute, value, persistent=False)
     return root
