@@ -5,7 +5,9 @@ Weights become int8 now (symmetric, per output channel unless ``per_channel=Fals
 batch, by the kernel, so no calibration is needed. This is the usual compression for
 Linear-heavy models (Transformers' projections, recurrent networks) whose activation
 ranges vary from input to input. The layers lower directly to the fbgemm/qnnpack dynamic
-kernels (``torch.ao.nn.quantized.dynamic``), packed for ``engine``; every Linear, LSTM and
+kernels (``torch.ao.nn.quantized.dynamic``), packed for ``engine``, or, for
+``engine="ort"``, to ``DynamicLinear`` (``fxcomp.quant.dynamic``), which the ONNX backend
+writes as ONNX Runtime's ``DynamicQuantizeLinear``/``MatMulInteger``; every Linear, LSTM and
 GRU anywhere in the model is converted (inside fused units and leaf modules too) unless
 its qualified name is in ``skip``. A ``TransformerEncoderLayer`` whose feed-forward layers
 were converted runs its layer-by-layer path (its fused fast path reads float weights;
@@ -39,6 +41,7 @@ from fxcomp.ir.graph import replace_module
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.quant.config import QUANT_CONFIG, QuantConfig
+from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.reference import weight_qparams
 from fxcomp.quant.scheme import ENGINES, QScheme, deprecated_apis, packing_engine
 from fxcomp.runtime.parity import sqnr
@@ -57,11 +60,12 @@ class DynamicOptions:
 
     def check(self) -> None:
         """Raise ``InputError`` for an engine without dynamic kernels."""
-        if not self.config.target.kernels:
+        if not self.config.target.kernels and self.config.engine != "ort":
             kernels = [name for name, engine in ENGINES.items() if engine.kernels]
             raise InputError(
-                f"quantize_dynamic runs fbgemm/qnnpack kernels; {self.config.engine!r} has none",
-                hint=f"use engine {' / '.join(kernels)}",
+                f"quantize_dynamic runs fbgemm/qnnpack kernels, or ONNX Runtime's "
+                f"(engine='ort'); {self.config.engine!r} has neither",
+                hint=f"use engine {' / '.join([*kernels, 'ort'])}",
             )
 
 
@@ -84,6 +88,18 @@ def _linear(layer: nn.Linear, per_channel: bool) -> tuple[nn.Module, list[float]
     weight = _quantized(layer.weight, per_channel)
     quantized.set_weight_bias(weight, layer.bias)
     return quantized, [sqnr(layer.weight, weight.dequantize())]
+
+
+def _onnx_runtime(name: str, layer: nn.Module) -> tuple[nn.Module, list[float]]:
+    """A Linear as ONNX Runtime runs it dynamically (``DynamicLinear``)."""
+    if not isinstance(layer, nn.Linear):
+        raise InputError(
+            f"'{name}' is a {type(layer).__name__}: quantize_dynamic(engine='ort') converts "
+            "Linear layers; recurrent layers run on fbgemm/qnnpack's dynamic kernels",
+            hint=f"skip=['{name}'], or engine='x86' with the TorchScript backend",
+        )
+    quantized = DynamicLinear(layer)
+    return quantized, [sqnr(layer.weight, quantized.weight())]
 
 
 def _recurrent(layer: nn.LSTM | nn.GRU, per_channel: bool) -> tuple[nn.Module, list[float]]:
@@ -129,10 +145,13 @@ def quantize_dynamic_layers(
         if type(m) in (nn.Linear, nn.LSTM, nn.GRU) and name not in config.skip
     ]
     rows = []
-    with packing_engine(config.engine), deprecated_apis():
+    with packing_engine(config.engine if config.target.kernels else "x86"), deprecated_apis():
         for name, layer in found:
-            convert = _linear if isinstance(layer, nn.Linear) else _recurrent
-            quantized, errors = convert(layer, config.per_channel)
+            if not config.target.kernels:  # ONNX Runtime's form
+                quantized, errors = _onnx_runtime(name, layer)
+            else:
+                convert = _linear if isinstance(layer, nn.Linear) else _recurrent
+                quantized, errors = convert(layer, config.per_channel)
             replace_module(gm, name, quantized)
             rows.append(
                 {

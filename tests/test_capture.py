@@ -153,3 +153,23 @@ def test_an_export_with_a_data_dependent_shape_names_the_line():
     assert "test_capture.py:" in str(info.value) and "torch.zeros(int((x > 0).sum()))" in str(
         info.value
     )
+
+
+def test_dynamic_int8_goes_to_onnx_runtime_as_matmul_integer(bert, tmp_path):
+    import onnx
+
+    model, inputs = bert
+    passes = [quantize_dynamic(engine="ort")]
+    result = fxcomp.compile(model, inputs, passes, backend="onnx", output_dir=tmp_path)
+    ops = [n.op_type for n in onnx.load(result.artifact.path).graph.node]
+    assert ops.count("MatMulInteger") == ops.count("DynamicQuantizeLinear") == 13
+    assert len(result.artifact.manifest["int8_layers"]["int8"]) == 13
+    assert result.artifact.parity["sqnr_db_vs_reference"] > 100  # ORT computes what it means
+    session = fxcomp.backends.BACKENDS["onnx"].load(result.artifact.path)
+    sample = text_inputs(3, 9, seed=3)
+    hidden = fxcomp.backends.onnx.backend.run(session, tuple(sample.values()))
+    with torch.no_grad():
+        assert cosine(hidden, model(**sample).last_hidden_state) > 0.999
+    recurrent = nn.Sequential(nn.LSTM(4, 4))
+    with pytest.raises(fxcomp.PassError, match="'0' is a LSTM: quantize_dynamic\\(engine='ort'\\)"):
+        fxcomp.compile(recurrent, torch.randn(2, 1, 4), passes=[quantize_dynamic(engine="ort")])

@@ -195,6 +195,8 @@ class MSEObserver(HistogramObserver):
         return float(error.sum())
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.hi > self.lo:  # a constant: nothing to search
+            return self.lo.clone(), self.hi.clone()
         histogram = self.histogram.numpy()
         total = histogram.sum()
         cumulative = np.cumsum(histogram)

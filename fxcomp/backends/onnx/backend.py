@@ -41,6 +41,7 @@ from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.config import QUANT_CONFIG
+from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.runtime.parity import FLOAT_SQNR_DB, checked_parity
@@ -67,7 +68,7 @@ def _check_exportable(gm: GraphModule) -> str | None:
                 f"'{name}' is a lowered fbgemm/qnnpack kernel, which ONNX cannot hold",
                 hint="quantize with engine='tensorrt' or engine='ort' for the ONNX backend",
             )
-    quantized = any(isinstance(m, QuantDequant) for m in gm.modules())
+    quantized = any(isinstance(m, QuantDequant | DynamicLinear) for m in gm.modules())
     config = QUANT_CONFIG.get(gm)
     if quantized and config is not None and config.target.kernels:
         raise BackendError(

@@ -27,7 +27,8 @@ qdq-inside-fusion    tensorrt    Conv -> Q -> DQ -> Relu/BatchNormalization: blo
 unfolded-bn          tensorrt    a BatchNormalization left in a quantized graph
 ===================  ==========  ==========================================================
 
-The INT8 prediction is structural, a heuristic rather than a build of the engine: a
+The INT8 prediction is structural, a heuristic rather than a build of the engine: integer
+ops (``MatMulInteger``, ``ConvInteger``: dynamic quantization) are INT8 as written; a
 Conv/Gemm/MatMul runs in INT8 when its activation (input 0) and weight (input 1) both come
 from DequantizeLinear, and an Add when both its inputs do. "Come from" allows ops that the
 target moves a DequantizeLinear past, as they commute with quantization: MaxPool, Reshape,
@@ -136,7 +137,12 @@ class CheckResult:
         }
 
 
+_INTEGER = ("MatMulInteger", "ConvInteger")  # integer ops: INT8 as written
+
+
 def _predict(g: QdqGraph, node: onnx.NodeProto) -> Prediction:
+    if node.op_type in _INTEGER:
+        return Prediction(node_name(node), node.op_type, True, "an integer op")
     inputs = "activation and weight" if node.op_type in COMPUTE else "both inputs"
     missing = [i for i in (0, 1) if g.dq_into(node, i) is None]
     if missing:
@@ -203,5 +209,6 @@ def check(model: onnx.ModelProto | str | Path, target: str) -> CheckResult:
     g = QdqGraph(_load(model), target)
     found = (v for rule in RULES if target in rule.targets for v in rule.find(g))
     violations = list(dict.fromkeys(found))  # a shared weight is reported once
-    predictions = [_predict(g, node) for node in g.nodes if node.op_type in (*COMPUTE, "Add")]
+    kinds = (*COMPUTE, *_INTEGER, "Add")
+    predictions = [_predict(g, node) for node in g.nodes if node.op_type in kinds]
     return CheckResult(target, violations, predictions)
