@@ -82,7 +82,8 @@ def publish(name: str, tables: Sequence[Table]) -> None:
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
     if start not in text or end not in text:
         raise SystemExit(f"{DOC} has no section {start} ... {end}")
-    command = " ".join(["python", *(a for a in sys.argv if a != "--write-docs")])
+    script = Path(sys.argv[0]).resolve().relative_to(DOC.parents[1])  # from the repository
+    command = " ".join(["python", str(script), *(a for a in sys.argv[1:] if a != "--write-docs")])
     today = datetime.date.today().isoformat()
     lines = [
         f"`{command}` on {describe_cpu()}, {today}, torch {torch.__version__}:",
