@@ -2,12 +2,13 @@
 
 Hugging Face transformers (``fxcomp.cli.zoo``: BERT, DistilBERT, RoBERTa, ALBERT, ViT, CLIP
 vision, the Whisper encoder, GPT-2 and a Llama-architecture causal LM, each small): every
-one captures through ``torch.export`` exactly, and every pass the capture issue lists
-compiles it; quantized outputs keep a cosine similarity to float of at least 0.99, pruned
-and sparsified ones keep their shapes. timm: one model of every family that builds under 30M
-parameters (83 of timm's 98 families) captures (symbolic tracing, or ``torch.export`` where
-it fails), fuses with its output within 1e-4 relative, and prunes at 0.3 into a model that
-runs and keeps its output shape.
+one captures through ``torch.export`` exactly, and compiles through fuse/cse/dce, dynamic
+and static INT8, SmoothQuant, prune, sparsify, cast_weights and share_weights; quantized
+outputs keep a cosine similarity to float of at least 0.99, pruned and sparsified ones keep
+their shapes. timm: one model of every family that builds under 30M parameters
+(``fxcomp.cli.zoo.TIMM``: 83 of timm's 98 families) captures (symbolic tracing, or
+``torch.export`` where it fails), fuses with its output within 1e-4 relative, and prunes at
+0.3 into a model that runs and keeps its output shape.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 import fxcomp
-from fxcomp.cli.zoo import TRANSFORMERS, timm_model, transformer
+from fxcomp.cli.zoo import TIMM, TRANSFORMERS, timm_model, transformer
 from fxcomp.ir.capture import CAPTURE
 from fxcomp.passes import (
     cast_weights,
@@ -35,92 +36,6 @@ from fxcomp.passes import (
 from tests.conftest import non_degenerate, relative_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-TIMM = [
-    "halonet26t",
-    "gernet_s",
-    "cait_xxs24_224",
-    "coat_tiny",
-    "convit_tiny",
-    "convmixer_768_32",
-    "convnext_atto",
-    "cpubone_nano",
-    "crossvit_tiny_240",
-    "csatv2",
-    "cs3darknet_s",
-    "cspnext_tiny",
-    "davit_tiny",
-    "deit_tiny_patch16_224",
-    "densenet121",
-    "dla34",
-    "dpn68",
-    "edgenext_small",
-    "efficientformer_l1",
-    "efficientformerv2_s0",
-    "tinynet_a",
-    "efficientvim_m1",
-    "efficientvit_b0",
-    "efficientvit_m0",
-    "eva02_tiny_patch14_224",
-    "fasternet_t0",
-    "fastvit_s12",
-    "focalnet_tiny_lrf",
-    "gcvit_tiny",
-    "ghostnet_050",
-    "hardcorenas_a",
-    "hgnet_tiny",
-    "hiera_tiny_224",
-    "sam2_hiera_tiny",
-    "hrnet_w18_small",
-    "iformer_s",
-    "inception_next_atto",
-    "inception_v3",
-    "lcnetv2_small",
-    "levit_128",
-    "lowformer_b0",
-    "mambaout_femto",
-    "maxvit_pico_rw_256",
-    "caformer_s18",
-    "gmlp_s16_224",
-    "tf_mobilenetv3_large_minimal_100",
-    "mobilevit_xxs",
-    "mvitv2_tiny",
-    "nest_tiny",
-    "nf_seresnet26",
-    "pit_xs_224",
-    "pvt_v2_b0",
-    "rdnet_tiny",
-    "regnety_040_sgn",
-    "repghostnet_050",
-    "repvit_m1",
-    "res2net50d",
-    "resnest14d",
-    "resnet18",
-    "resnetv2_18",
-    "rexnet_100",
-    "legacy_seresnet18",
-    "sequencer2d_s",
-    "shvit_s1",
-    "skresnet18",
-    "starnet_s1",
-    "swiftformer_xs",
-    "swin_s3_tiny_224",
-    "swinv2_tiny_window8_256",
-    "swinv2_cr_tiny_224",
-    "tiny_vit_5m_224",
-    "tnt_s_patch16_224",
-    "twins_svt_small",
-    "visformer_tiny",
-    "vit_tiny_patch16_224",
-    "vit_tiny_r_s16_p8_224",
-    "vit_relpos_small_patch16_224",
-    "vitamin_small_224",
-    "volo_d1_224",
-    "ese_vovnet19b_slim",
-    "legacy_xception",
-    "xception41",
-    "xcit_nano_12_p8_224",
-]
 
 
 def _first(outputs: object) -> torch.Tensor:
