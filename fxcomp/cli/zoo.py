@@ -89,21 +89,19 @@ def _clip_vision() -> nn.Module:
 def _whisper_encoder() -> nn.Module:
     import transformers as t
 
+    sides = {
+        f"{side}_{key}": value
+        for side in ("encoder", "decoder")
+        for key, value in (("layers", 2), ("attention_heads", 4), ("ffn_dim", 128))
+    }
+    tokens = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
     config = t.WhisperConfig(
         vocab_size=_VOCAB,
         d_model=64,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
         num_mel_bins=16,
         max_source_positions=32,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=3,
+        **sides,
+        **{name: i for i, name in enumerate(tokens)},
     )
     return t.WhisperModel(config).get_encoder()
 
