@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
 import warnings
 
 import torch
@@ -29,8 +30,9 @@ from fxcomp.cli.zoo import TIMM, TRANSFORMERS, timm_model, transformer
 from fxcomp.ir.capture import CAPTURE
 
 
-def _why(err: Exception) -> str:
-    return f"fails: {str(err).splitlines()[0][:80]}"
+def _why(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"fails: {(lines[0] if lines else type(err).__name__)[:80]}"
 
 
 def transformers_row(name: str) -> dict[str, str]:
@@ -74,8 +76,22 @@ def _parameters(model: torch.nn.Module) -> int:
 
 
 def torch_pruning_kept(model: torch.nn.Module, x: torch.Tensor) -> str:
+    """Torch-Pruning on ``model``, in a process of its own with 6 GB of memory and two
+    minutes (on some families its dependency graph grows without bound)."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        try:
+            return pool.apply_async(_torch_pruning, (model, x)).get(timeout=120)
+        except multiprocessing.TimeoutError:
+            return "fails: over two minutes"
+
+
+def _torch_pruning(model: torch.nn.Module, x: torch.Tensor) -> str:
+    import resource
+
     import torch_pruning as tp
 
+    resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
     model = copy.deepcopy(model)
     before = _parameters(model)
     try:
@@ -89,7 +105,7 @@ def torch_pruning_kept(model: torch.nn.Module, x: torch.Tensor) -> str:
         pruner.step()
         with torch.no_grad():
             model(x)
-    except Exception as err:
+    except (Exception, MemoryError) as err:
         return _why(err)
     return f"{_parameters(model) / before:.2f}"
 

@@ -109,8 +109,10 @@ def _whisper_encoder() -> nn.Module:
 def _gpt2() -> nn.Module:
     import transformers as t
 
-    config = t.GPT2Config(vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
+    tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"), 0)
+    config = t.GPT2Config(
+        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, **tokens
+    )
     return t.GPT2LMHeadModel(config)
 
 
