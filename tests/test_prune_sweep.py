@@ -15,8 +15,8 @@ import torchvision
 
 import fxcomp
 from fxcomp.pruning.plan import PruneOptions, pruning_plan
-from tests.conftest import oracle
-from tests.test_torchvision_sweep import MODELS, TOO_LARGE, _non_degenerate
+from tests.conftest import non_degenerate, oracle
+from tests.test_torchvision_sweep import MODELS, TOO_LARGE
 
 # Transformers: a LayerNorm over the embedding (removing a channel changes every other),
 # attention (MultiheadAttention, swin's shifted_window_attention, maxvit's attention),
@@ -46,7 +46,7 @@ def _blocked(groups) -> list[str]:
 @pytest.mark.parametrize("name", [m for m in MODELS if m not in TOO_LARGE])
 def test_every_classification_model_prunes_exactly(name):
     torch.manual_seed(0)
-    model = _non_degenerate(torchvision.models.get_model(name, weights=None)).eval()
+    model = non_degenerate(torchvision.models.get_model(name, weights=None)).eval()
     size = 299 if name == "inception_v3" else 224
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
@@ -72,7 +72,7 @@ def test_vit_attention_prunes_after_unpacking():
     from fxcomp.passes import unpack_attention
 
     torch.manual_seed(0)
-    model = _non_degenerate(torchvision.models.vit_b_32(weights=None)).eval()
+    model = non_degenerate(torchvision.models.vit_b_32(weights=None)).eval()
     torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero
     x = torch.randn(1, 3, 224, 224)
     result = oracle(model, x, passes=(unpack_attention(),))
