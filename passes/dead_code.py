@@ -11,6 +11,7 @@ import operator
 
 from torch.fx import GraphModule, Node
 
+from fxcomp.ir.graph import drop_unused
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 
@@ -64,7 +65,7 @@ def eliminate_dead_code(gm: GraphModule, ctx: CompileContext) -> PassResult:
     """Remove nodes whose values are unused and free of side effects, then unused modules."""
     modules_before = sum(1 for _ in gm.named_modules())
     removed = gm.graph.eliminate_dead_code(is_impure_node=has_side_effects)
-    gm.delete_all_unused_submodules()
+    drop_unused(gm)
     return PassResult(gm, removed or sum(1 for _ in gm.named_modules()) != modules_before)
 
 

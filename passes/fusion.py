@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.ir.graph import CONVS, module_of, replace_module, target_name
+from fxcomp.ir.graph import CONVS, drop_unused, module_of, replace_module, target_name
 from fxcomp.ir.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
 from fxcomp.nn.batchnorm import fold_batchnorm_
 from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu
@@ -223,7 +223,7 @@ def fuse_conv_bn_relu(
         gm, _rules(gm, options), explain=ctx.explain, pass_name=ctx.state.current_pass
     )
     if count:
-        gm.delete_all_unused_submodules()
+        drop_unused(gm)
     return PassResult(gm, modified=count > 0)
 
 

@@ -219,3 +219,39 @@ def test_train_batchnorm_groups_conv_bn_relu_and_folds_later(residual_net, image
     assert isinstance(folded, ConvReLU) and folded.conv is units["stem"].conv
     assert relative_error(folded(x), expected) < TOLERANCE
     assert isinstance(units["fc"].folded(), LinearReLU)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm subclass whose forward calls ``F.batch_norm``
+    on its own tensors, then an activation child."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+def test_batchnorm_subclass_folds_into_its_conv_and_prunes(image):
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), BatchNormAct(16), nn.Conv2d(16, 8, 3), BatchNormAct(8)
+    )
+    randomize_batchnorm(model)
+    model.eval()
+    convs = sum(p.numel() for m in model if isinstance(m, nn.Conv2d) for p in m.parameters())
+    result = run_fuse(model, image)
+    gm = result.module
+    assert not [n for n, m in gm.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    # only the convolutions' weights and biases are left: no dead BatchNorm tensor
+    assert sum(p.numel() for p in gm.parameters()) == convs
+    assert not list(gm.buffers())
+    assert type(gm.get_submodule("1")) is nn.Module  # kept only to hold its act
+    with torch.no_grad():
+        assert relative_error(gm(image), model(image)) < TOLERANCE
+    assert all(type(m) is BatchNormAct for m in model[1::2])  # the caller's model is untouched
+    pruned = fxcomp.compile(model, image, passes=[fxcomp.passes.prune(0.5)]).report
+    assert pruned.find("prune").parameters_after < 0.75 * pruned.find("prune").parameters_before

@@ -134,3 +134,29 @@ def test_bad_example_inputs_and_model():
         fxcomp.trace(GatedNet(), torch.randn(1, 3, 8, 8), capture="dynamo")
     with pytest.raises(InputError, match="must be a torch.nn.Module"):
         fxcomp.trace(lambda x: x, torch.randn(1))
+
+
+class CheckedNet(nn.Module):
+    """A rank check (timm's ``_assert(x.ndim == 4, ...)``) and a check on values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected NCHW")
+        torch._assert(x.shape[1] % 3 == 0, "expected RGB")
+        y = self.conv(x)
+        torch._assert(y.abs().max() < 1e6, "activations blew up")
+        return y
+
+
+def test_shape_checks_go_and_checks_on_values_stay():
+    x = torch.randn(1, 3, 8, 8)
+    model = CheckedNet()
+    gm = fxcomp.trace(model, x)
+    checks = gm.graph.find_nodes(op="call_function", target=torch._assert)
+    assert [c.args[1] for c in checks] == ["activations blew up"]
+    # nothing else reads the input's rank or sizes: those reads are gone too
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is getattr]
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)

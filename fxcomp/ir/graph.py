@@ -28,6 +28,7 @@ __all__ = [
     "CONVS",
     "ELEMENTWISE_MODULES",
     "LIBRARY_DIRS",
+    "drop_unused",
     "inline_graph",
     "module_of",
     "node_counts",
@@ -92,6 +93,38 @@ def replace_module(gm: GraphModule, qualified_name: str, new: nn.Module) -> None
     parent_name, _, attr = qualified_name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, attr, new)
+
+
+def drop_unused(gm: GraphModule) -> None:
+    """Delete the submodules ``gm``'s graph neither calls nor reads, and turn each module kept
+    only to hold others (a BatchNorm folded into its convolution whose activation child is
+    still called) into a plain ``nn.Module`` with those children: no dead tensor stays.
+
+    Example::
+
+        drop_unused(gm)   # after a pass erased the nodes that called some layers
+    """
+    gm.delete_all_unused_submodules()
+    used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for name, module in list(gm.named_modules()):
+        parts = name.split(".")
+        if not name or any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
+            continue  # the root, or a module the graph calls or reads (or one inside it)
+        tensors = {**module._parameters, **module._buffers}
+        if all(f"{name}.{attr}" in used for attr in tensors):
+            continue
+        holder = nn.Module()
+        for child, value in module.named_children():
+            holder.add_module(child, value)
+        for attr, value in tensors.items():
+            if f"{name}.{attr}" not in used:
+                continue
+            if attr in module._parameters:
+                holder.register_parameter(attr, value)
+            else:
+                persistent = attr not in module._non_persistent_buffers_set
+                holder.register_buffer(attr, value, persistent=persistent)
+        replace_module(gm, name, holder)
 
 
 def rebuilt(gm: GraphModule, graph: Graph) -> GraphModule:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.fx import Graph, GraphModule, Node
 from torch.utils._pytree import tree_structure, tree_unflatten
 
-__all__ = ["lift"]
+__all__ = ["lift", "lift_layers"]
 
 aten = torch.ops.aten
 
@@ -118,6 +118,37 @@ _CONVS = {
     aten.conv3d.default: nn.Conv3d,
 }
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# the torch.nn layers a call can be lifted to (a subclass becomes one: ``_Layers.exact``)
+_LAYER_KINDS = (nn.Linear, *_CONVS.values(), *_BATCHNORMS, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+_CONV_PARAMETERS = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0}
+_CONV_PARAMETERS |= {"dilation": 1, "groups": 1}
+_NORM = {"weight": None, "bias": None}
+# torch.nn.functional layer call -> (its ATen op, the function's parameters in order with
+# their defaults, the ATen op's argument order)
+_FUNCTIONAL_LAYERS: dict[Any, tuple[Any, dict[str, Any], tuple[str, ...]]] = {
+    F.linear: (aten.linear.default, {"input": None, **_NORM}, ("input", "weight", "bias")),
+    **{
+        function: (op, _CONV_PARAMETERS, tuple(_CONV_PARAMETERS))
+        for function, op in zip((F.conv1d, F.conv2d, F.conv3d), _CONVS, strict=True)
+    },
+    F.batch_norm: (
+        aten.batch_norm.default,
+        {"input": None, "running_mean": None, "running_var": None, **_NORM, "training": False}
+        | {"momentum": 0.1, "eps": 1e-5},
+        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+    ),
+    F.layer_norm: (
+        aten.layer_norm.default,
+        {"input": None, "normalized_shape": None, **_NORM, "eps": 1e-5},
+        ("input", "normalized_shape", "weight", "bias", "eps"),
+    ),
+    F.group_norm: (
+        aten.group_norm.default,
+        {"input": None, "num_groups": None, **_NORM, "eps": 1e-5},
+        ("input", "num_groups", "weight", "bias", "eps"),
+    ),
+}
 
 
 def _attr(node: Any) -> str | None:
@@ -139,7 +170,12 @@ def _aliases(root: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 class _Layers:
-    """Finds the ``torch.nn`` layer an ATen op computes exactly, on its own parameters."""
+    """Finds the ``torch.nn`` layer an ATen op computes exactly, on its own parameters.
+
+    The layer may be a subclass (timm's ``BatchNormAct2d``, ``Conv2dSame``, ``LayerNorm2d``):
+    what its forward does besides the op is already in the graph as other nodes, so the
+    layer becomes an instance of the ``torch.nn`` class itself, holding the same tensors
+    and submodules under the same name (``exact``)."""
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
@@ -157,7 +193,7 @@ class _Layers:
                 layer = self.root.get_submodule(prefix)
             except AttributeError:
                 continue
-            if type(layer) in kinds and all(
+            if isinstance(layer, kinds) and all(
                 getattr(layer, suffix, None) is None
                 if name is None
                 else f"{prefix}.{suffix}" in self.aliases.get(name, (name,))
@@ -167,7 +203,27 @@ class _Layers:
         return None
 
     def __call__(self, node: _Op) -> tuple[str, Any] | None:
-        """(qualified name, input) when ``node`` computes exactly a layer of the model."""
+        """(qualified name, input) when ``node`` computes exactly a layer of the model, which
+        is then of its ``torch.nn`` class exactly."""
+        found = self.match(node)
+        if found is not None:
+            self.exact(found[0])
+        return found
+
+    def exact(self, prefix: str) -> nn.Module:
+        """The layer at ``prefix``, made an instance of the ``torch.nn`` class it derives
+        from if it is a subclass: a shallow copy (same tensors, submodules and settings)
+        whose class is that one, put in its place."""
+        layer = self.root.get_submodule(prefix)
+        kind = next((k for k in _LAYER_KINDS if isinstance(layer, k)), type(layer))
+        if type(layer) is not kind:
+            layer = copy.copy(layer)
+            layer.__class__ = kind
+            self.root.set_submodule(prefix, layer)
+        return layer
+
+    def match(self, node: _Op) -> tuple[str, Any] | None:
+        """``__call__`` without making the layer exact."""
         target = node.target
         weight_bias = [_attr(_arg(node, 1)), _attr(_arg(node, 2))]
         if target is aten.linear.default:
@@ -364,6 +420,50 @@ def lift(
     info = getattr(graph._codegen, "pytree_info", None)
     if info is not None:
         lifted._in_spec, lifted._out_spec = info.in_spec, info.out_spec
+    return lifted
+
+
+def lift_layers(root: nn.Module, gm: GraphModule) -> int:
+    """Rewrite the calls in ``gm`` (traced symbolically from ``root``) of
+    ``torch.nn.functional``'s linear, conv, batch_norm, layer_norm and group_norm on the
+    parameters of a layer of ``root`` that computes exactly that as ``call_module`` nodes of
+    the layer. A subclass whose forward was traced through (timm's ``BatchNormAct2d`` calls
+    ``F.batch_norm``, then its activation) leaves such calls; lifted, the layer is one that
+    fusion, quantization and pruning know. A layer the graph also calls whole keeps its
+    class. Returns how many calls were lifted.
+
+    Example::
+
+        gm = GraphModule(root, graph)
+        lift_layers(root, gm)   # F.batch_norm(x, norm.running_mean, ...) -> norm(x)
+    """
+    layers = _Layers(root)
+    called = {str(n.target) for n in gm.graph.find_nodes(op="call_module")}
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS:
+            continue
+        op, parameters, order = _FUNCTIONAL_LAYERS[node.target]
+        values = dict(parameters)
+        values.update(zip(parameters, node.args, strict=False))
+        values.update(node.kwargs)
+        found = None
+        if len(values) == len(parameters):  # no argument the table does not know
+            found = layers.match(_Op(op, tuple(values[name] for name in order), {}))
+        if found is None or found[0] in called or not found[0]:
+            continue
+        gm.set_submodule(found[0], layers.exact(found[0]))
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(found[0], (found[1],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        lifted += 1
+    if lifted:
+        for node in reversed(gm.graph.find_nodes(op="get_attr")):
+            if not node.users:
+                gm.graph.erase_node(node)
+        gm.recompile()
     return lifted
 
 

@@ -19,6 +19,7 @@ import difflib
 import inspect
 import linecache
 import logging
+import operator
 import sys
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,7 @@ from torch.utils._pytree import tree_map
 
 from fxcomp.ir.errors import InputError, TraceError
 from fxcomp.ir.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
+from fxcomp.ir.lift import lift_layers
 from fxcomp.ir.module_copy import copy_module
 
 __all__ = [
@@ -138,7 +140,57 @@ def symbolic_trace(
         raise _trace_error(err, tracer) from err
     if concrete_args:
         _default_to_concrete(root, graph, concrete_args)
-    return GraphModule(tracer.root, graph, type(root).__name__)
+    _drop_shape_checks(graph)
+    gm = GraphModule(tracer.root, graph, type(root).__name__)
+    lift_layers(tracer.root, gm)
+    return gm
+
+
+# the operators a shape check computes its condition with (none of them mutates)
+_PURE_OPERATORS = frozenset(
+    {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge}
+    | {operator.and_, operator.or_, operator.not_, operator.truth, operator.getitem}
+    | {operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod}
+)
+
+
+def _drop_shape_checks(graph: Graph) -> None:
+    """Remove ``torch._assert`` calls on a tensor's rank or sizes (timm's
+    ``_assert(x.ndim == 4, f"... {x.ndim}")``), and reads of a rank or size nothing uses.
+    The checks held for the example inputs; left in, each makes the layer whose output it
+    reads look shared, and fusion would not fold it."""
+    for check in list(graph.find_nodes(op="call_function", target=torch._assert)):
+        if _checks_shapes_only(check):
+            graph.erase_node(check)
+    for node in reversed(list(graph.nodes)):
+        if not node.users and (_reads_shape(node) or _is_operator(node)):
+            graph.erase_node(node)
+
+
+def _reads_shape(node: Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] in ("ndim", "shape")
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def _is_operator(node: Node) -> bool:
+    return node.op == "call_function" and node.target in _PURE_OPERATORS
+
+
+def _checks_shapes_only(check: Node) -> bool:
+    """Whether ``check``'s condition reads only ranks and sizes."""
+    seen: set[Node] = set()
+    stack = list(check.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _is_operator(node):
+            stack.extend(node.all_input_nodes)
+        elif not _reads_shape(node):
+            return False
+    return True
 
 
 def _drop_hooks(root: nn.Module) -> None:

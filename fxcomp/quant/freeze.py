@@ -15,7 +15,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcomp.ir.errors import InputError
-from fxcomp.ir.graph import module_of, replace_module
+from fxcomp.ir.graph import drop_unused, module_of, replace_module
 from fxcomp.ir.meta import MADE_BY
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
@@ -66,7 +66,7 @@ def freeze_qparams(gm: GraphModule, ctx: CompileContext) -> PassResult:
             }
             node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
             changed = True
-    gm.delete_all_unused_submodules()
+    drop_unused(gm)
     gm.recompile()
     with torch.no_grad():
         ctx.state.reference_outputs = gm(*ctx.config.example_inputs)

@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxcomp.ir.errors import BackendError, InputError
-from fxcomp.ir.graph import module_of, rebuilt
+from fxcomp.ir.graph import drop_unused, module_of, rebuilt
 from fxcomp.ir.meta import MADE_BY
 from fxcomp.nn.fused import add_relu
 from fxcomp.pipeline.context import CompileContext
@@ -129,7 +129,7 @@ class _Lowering:
             gm.add_submodule(name, module)
         for node, name in self.renamed.items():  # now that the module is there
             node.target = name
-        gm.delete_all_unused_submodules()
+        drop_unused(gm)
         gm.recompile()
         return gm
 

@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 
 from fxcomp.ir.capture import named_inputs, trace
 from fxcomp.ir.errors import InputError
-from fxcomp.ir.graph import module_of, replace_module
+from fxcomp.ir.graph import drop_unused, module_of, replace_module
 from fxcomp.nn.fused import ConvBN
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
@@ -122,7 +122,7 @@ def _finish(gm: GraphModule, layers: list[str]) -> None:
             gm.graph.erase_node(node)
         elif isinstance(module, ConvBN):
             replace_module(gm, str(node.target), module.folded())
-    gm.delete_all_unused_submodules()
+    drop_unused(gm)
     gm.recompile()
 
 
