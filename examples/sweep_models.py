@@ -91,6 +91,7 @@ def _torch_pruning(model: torch.nn.Module, x: torch.Tensor) -> str:
 
     import torch_pruning as tp
 
+    warnings.filterwarnings("ignore")  # a fresh process: main's filter does not reach it
     resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
     model = copy.deepcopy(model)
     before = _parameters(model)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     from fxcomp.api.analyze import analyze as analyze
     from fxcomp.api.compile import CompileResult as CompileResult
     from fxcomp.api.compile import compile as compile
+    from fxcomp.api.transplant import transplant as transplant
     from fxcomp.backends.mobile.bundle import Bundle as Bundle
     from fxcomp.backends.mobile.bundle import load_bundle as load_bundle
     from fxcomp.ir.capture import trace as trace
@@ -78,6 +79,7 @@ _HOMES = {
     "render_graph": "fxcomp.reporting.dump",
     "save": "fxcomp.ir.serialize",
     "trace": "fxcomp.ir.capture",
+    "transplant": "fxcomp.api.transplant",
 }
 
 __all__ = sorted([*_HOMES, "passes"])

@@ -27,6 +27,7 @@ from fxcomp.passes.quantization import quantize
 from fxcomp.passes.smoothing import smooth_quant
 from fxcomp.passes.sparsity import sparsify
 from fxcomp.passes.weight_casting import cast_weights
+from fxcomp.passes.weight_quantization import quantize_weights
 from fxcomp.passes.weight_sharing import share_weights
 from fxcomp.quant.pipeline import calibrate, freeze, lower, observe
 
@@ -47,6 +48,7 @@ __all__ = [
     "qat",
     "quantize",
     "quantize_dynamic",
+    "quantize_weights",
     "share_weights",
     "smooth_quant",
     "sparsify",
@@ -62,6 +64,7 @@ BUILTIN = MappingProxyType(
         "sparsify": sparsify,
         "quantize": quantize,
         "quantize_dynamic": quantize_dynamic,
+        "quantize_weights": quantize_weights,
         "unpack_attention": unpack_attention,
         "equalize": equalize,
         "smooth_quant": smooth_quant,

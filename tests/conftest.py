@@ -15,6 +15,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 import fxcomp
 from fxcomp import CompileContext
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.ir.trace import propagate_shapes
 from fxcomp.passes import prune
 from fxcomp.pruning.plan import PruneOptions, pruning_plan, zero_channels
@@ -57,20 +58,6 @@ def outlier_model(model: nn.Module, factor: float) -> nn.Module:
         bn.weight[:4] *= factor
         bn.bias[:4] *= factor
         model.fc.weight[:, :4] /= factor
-    return model
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial statistics, so that folding changes the weights."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
     return model
 
 
@@ -146,12 +133,3 @@ def image() -> torch.Tensor:
 @pytest.fixture
 def ctx(image: torch.Tensor) -> CompileContext:
     return CompileContext.from_inputs((image,))
-
-
-def non_degenerate(model: nn.Module) -> nn.Module:
-    """Zero-initialised weight matrices (ViT heads) would make every output 0."""
-    gen = torch.Generator().manual_seed(0)
-    for p in model.parameters():
-        if p.dim() >= 2 and not p.any():
-            p.data.normal_(0, 0.02, generator=gen)
-    return randomize_batchnorm(model)

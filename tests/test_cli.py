@@ -367,3 +367,22 @@ def test_analyze_ranks_layers_and_writes_json_and_a_picture(tmp_path):
     alone = [layer["sqnr_alone"] for layer in saved["layers"]]
     assert alone == sorted(alone)
     assert (tmp_path / "a" / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dump_takes_a_hugging_face_model_with_its_own_inputs():
+    out = fxcomp("dump", "transformers:bert", "--format", "table")
+    assert out.returncode == 0, out.stderr
+    assert "encoder.layer.1.attention.self.query" in out.stdout  # lifted, named as in the model
+    out = fxcomp("dump", "transformers:bert", "--input-shape", "1,3")
+    assert out.returncode == 2 and "drop --input-shape" in out.stderr
+
+
+def test_compile_quantizes_a_language_model_weight_only_on_standard_library_text(tmp_path):
+    out = fxcomp(
+        *("compile", "transformers:llama", "--input-shape", "1,16", "--calib", "stdlib"),
+        *("--calib-batches", "2", "--passes", "quantize_weights", "--bits", "4"),
+        *("--group-size", "32", "--method", "gptq", "--latency-rounds", "0", "-o", str(tmp_path)),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("gptq      4       32") == 14  # every Linear but the head
+    assert (tmp_path / "model.pt").is_file()

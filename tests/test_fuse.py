@@ -12,9 +12,10 @@ from torch import nn
 
 import fxcomp
 from fxcomp import PassManager
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu
 from fxcomp.passes import fuse
-from tests.conftest import randomize_batchnorm, relative_error
+from tests.conftest import relative_error
 
 TOLERANCE = 1e-5
 

@@ -33,7 +33,7 @@ from fxcomp.passes import (
     smooth_quant,
     sparsify,
 )
-from tests.conftest import non_degenerate, relative_error
+from tests.conftest import relative_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -82,7 +82,7 @@ def test_a_hugging_face_model_compiles_through_every_pass(name):
 
 @pytest.mark.parametrize("name", TIMM)
 def test_a_timm_model_captures_fuses_and_prunes(name):
-    model = non_degenerate(timm_model(name))
+    model = timm_model(name)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

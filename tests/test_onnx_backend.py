@@ -25,9 +25,10 @@ import fxcomp
 from fxcomp.backends import BACKENDS
 from fxcomp.backends.onnx import backend as onnx_model
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.passes import fuse, observe, quantize
 from fxcomp.quant import scheme
-from tests.conftest import ResidualNet, randomize_batchnorm
+from tests.conftest import ResidualNet
 from tests.test_quantize_models import inputs, reestimated
 
 

@@ -24,9 +24,10 @@ from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
 import fxcomp
 from fxcomp.backends.onnx.check import check
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.ir.errors import InputError
 from fxcomp.passes import fuse, quantize
-from tests.conftest import ResidualNet, randomize_batchnorm
+from tests.conftest import ResidualNet
 
 ENGINES = ("tensorrt", "ort")
 LAYERS = ["/stem/Conv", "/conv/Conv", "/Add", "/fc/Gemm", "/out/Gemm"]  # ResidualNet's

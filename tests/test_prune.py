@@ -18,10 +18,11 @@ from torch import nn
 import fxcomp
 from fxcomp import PassManager
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.passes import fuse, prune
 from fxcomp.pruning.graph import ChannelGraph
 from fxcomp.pruning.plan import PruneOptions, pruning_plan, zero_channels
-from tests.conftest import oracle, randomize_batchnorm, relative_error
+from tests.conftest import oracle, relative_error
 
 
 class Branches(nn.Module):

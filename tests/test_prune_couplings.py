@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcomp
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.passes import prune
 from fxcomp.pruning.graph import ChannelGraph
 from fxcomp.pruning.plan import PruneOptions, pruning_plan
-from tests.conftest import oracle, randomize_batchnorm, relative_error
+from tests.conftest import oracle, relative_error
 
 
 @pytest.fixture

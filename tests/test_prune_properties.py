@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxcomp
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.passes import prune
 from fxcomp.pruning.plan import PruneOptions, pruning_plan
-from tests.conftest import oracle, randomize_batchnorm
+from tests.conftest import oracle
 
 
 class RandomNet(nn.Module):

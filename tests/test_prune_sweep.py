@@ -14,8 +14,9 @@ import torch
 import torchvision
 
 import fxcomp
+from fxcomp.cli.zoo import non_degenerate
 from fxcomp.pruning.plan import PruneOptions, pruning_plan
-from tests.conftest import non_degenerate, oracle
+from tests.conftest import oracle
 from tests.test_torchvision_sweep import MODELS, TOO_LARGE
 
 # Transformers: a LayerNorm over the embedding (removing a channel changes every other),

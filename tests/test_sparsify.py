@@ -19,10 +19,10 @@ from torch.nn.utils import prune
 
 import fxcomp
 from fxcomp import CompileContext, Pass, PassManager
+from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.nn.fused import ConvReLU, weighted_layer
 from fxcomp.passes import fuse, quantize, sparsify
 from fxcomp.passes.sparsity import lowest, weight_tensors
-from tests.conftest import randomize_batchnorm
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2"]
 

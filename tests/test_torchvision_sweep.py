@@ -13,7 +13,8 @@ import torchvision
 from torch import nn
 
 import fxcomp
-from tests.conftest import non_degenerate, relative_error
+from fxcomp.cli.zoo import non_degenerate
+from tests.conftest import relative_error
 
 MODELS = torchvision.models.list_models(module=torchvision.models)
 TOO_LARGE = {"regnet_y_128gf", "vit_h_14"}

@@ -1,11 +1,13 @@
-"""Calibration batches from a spec, for the command line: random, digits or a folder of images.
+"""Calibration batches from a spec, for the command line: random, digits, a folder of images,
+or text.
 
 ``random`` draws normal noise of the input shape; ``digits`` takes scikit-learn's
 handwritten digits (input shape (N, 1, 8, 8)); ``photos`` cuts crops from the two colour
 photographs scikit-learn ships (``load_sample_images``: a temple in China, a flower);
 ``folder:PATH`` reads the JPEG/PNG images in PATH. Images are resized to the input's height
 and width and, with three channels, normalised with the ImageNet mean and standard
-deviation.
+deviation. ``stdlib`` draws windows of Python's standard library as byte token ids, for a
+language model (``fxcomp.cli.stdlib_lm``).
 
 Example::
 
@@ -80,6 +82,16 @@ def calibration_batches(
     if spec == "random":
         gen = torch.Generator().manual_seed(0)
         return [torch.randn(batch_size, *input_shape[1:], generator=gen) for _ in range(batches)]
+    if spec == "stdlib":
+        if len(input_shape) != 2:
+            raise InputError(
+                f"--calib stdlib gives token ids (N, LENGTH); the model's input is {input_shape}",
+                hint="give a language model's input as --input-shape 1,128",
+            )
+        from fxcomp.cli.stdlib_lm import stdlib_corpus, text_batches
+
+        train = stdlib_corpus().train
+        return text_batches(train, batches=batches, batch=batch_size, length=input_shape[1])
     if spec == "digits":
         if tuple(input_shape[1:]) != (1, 8, 8):
             raise InputError(
@@ -103,7 +115,7 @@ def calibration_batches(
     else:
         raise InputError(
             f"unknown calibration data '{spec}'",
-            hint="use random, digits, photos or folder:PATH",
+            hint="use random, digits, photos, folder:PATH or stdlib",
         )
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     return chunks[:batches]

@@ -41,6 +41,10 @@ _PASS_FLAGS = (
     "engine",
     "observer",
     "bias_correction",
+    "bits",
+    "group_size",
+    "method",
+    "skip",
 )
 
 
@@ -52,8 +56,9 @@ _PASS_FLAGS = (
     "--calib",
     default="random",
     show_default=True,
-    help="Calibration data: random, digits, photos (scikit-learn's sample photographs) or "
-    "folder:PATH (images).",
+    help="Calibration data: random, digits, photos (scikit-learn's sample photographs), "
+    "folder:PATH (images) or stdlib (token ids of Python's standard library, for a language "
+    "model; --input-shape 1,LENGTH).",
 )
 @click.option("--calib-batches", default=8, show_default=True, help="Batches of 8 inputs.")
 @engine_option()
@@ -69,6 +74,28 @@ _PASS_FLAGS = (
 @click.option("--ignore", multiple=True, help="Layer whose channels prune keeps (pattern).")
 @click.option("--round-to", type=int, default=None, help="Keep channel counts multiples of N.")
 @click.option("--amount", default=0.5, show_default=True, help="Share of weights sparsify zeroes.")
+@click.option(
+    "--bits",
+    type=int,
+    default=8,
+    show_default=True,
+    help="quantize_weights: int8 per channel or int4 per group.",
+)
+@click.option(
+    "--group-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="quantize_weights: input channels per int4 group (32, 64, 128 or 256).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["rtn", "gptq", "awq"]),
+    default="rtn",
+    show_default=True,
+    help="quantize_weights: round to nearest, or GPTQ / AWQ on the calibration data.",
+)
+@click.option("--skip", multiple=True, help="quantize_weights: a Linear layer to leave float.")
 @observer_option
 @click.option(
     "--bias-correction",

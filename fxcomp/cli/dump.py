@@ -8,13 +8,15 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
 
 from fxcomp.api.compile import compile
-from fxcomp.cli.model_spec import load_model, parse_shape
+from fxcomp.cli.model_spec import load_model, parse_shape, zoo_inputs
 from fxcomp.cli.options import capture_options, passes_from_flags
+from fxcomp.ir.errors import InputError
 from fxcomp.reporting.dump import FORMATS, DumpAfterEach, render_graph, render_groups
 
 __all__ = ["dump", "list_passes"]
@@ -40,7 +42,9 @@ __all__ = ["dump", "list_passes"]
 @click.option("--explain", is_flag=True, help="Show why rewrite rules did not apply.")
 @click.option("--groups", is_flag=True, help="List the channel groups pruning works on.")
 @capture_options
+@click.pass_context
 def dump(
+    ctx: click.Context,
     model: str,
     input_shapes: tuple[str, ...],
     pass_names: str,
@@ -53,11 +57,20 @@ def dump(
 ) -> None:
     """Trace MODEL, run --passes, and print its graph.
 
-    MODEL is torchvision:NAME (random weights), package.module:attr or path/to/file.py:attr.
+    MODEL is torchvision:NAME or timm:NAME (random weights), transformers:NAME (a small
+    Hugging Face model with its own example inputs), package.module:attr or
+    path/to/file.py:attr.
     """
     passes = passes_from_flags(pass_names, {})
     torch.manual_seed(0)
-    inputs = tuple(torch.randn(parse_shape(s)) for s in input_shapes)
+    inputs: Any = zoo_inputs(model)
+    if inputs is None:
+        inputs = tuple(torch.randn(parse_shape(s)) for s in input_shapes)
+    elif ctx.get_parameter_source("input_shapes") is not click.core.ParameterSource.DEFAULT:
+        raise InputError(
+            f"{model} comes with its own example inputs (token ids, pixels or features)",
+            hint="drop --input-shape",
+        )
     hooks = [DumpAfterEach(after_each, fmt)] if after_each else []
     network = load_model(model)
     result = compile(

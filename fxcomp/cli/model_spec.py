@@ -1,8 +1,11 @@
 """Turning a model spec from the command line into a model.
 
-``torchvision:NAME`` builds a torchvision model with random weights (nothing is
-downloaded); ``package.module:attr`` and ``path/to/file.py:attr`` import the named code and
-call ``attr`` if it is a function or class. Code is run only because the user named it.
+``torchvision:NAME`` and ``timm:NAME`` build a torchvision or timm model with random
+weights (nothing is downloaded); ``transformers:NAME`` one of the small Hugging Face models
+of ``fxcomp.cli.zoo`` (``bert``, ``vit``, ``llama``, ...), which come with their own example
+inputs (``zoo_inputs``); ``package.module:attr`` and ``path/to/file.py:attr`` import the
+named code and call ``attr`` if it is a function or class. Code is run only because the
+user named it.
 
 Example::
 
@@ -23,7 +26,7 @@ from torch import nn
 
 from fxcomp.ir.errors import InputError
 
-__all__ = ["load_model", "parse_shape"]
+__all__ = ["load_model", "parse_shape", "zoo_inputs"]
 
 
 def _torchvision(name: str) -> nn.Module:
@@ -55,8 +58,24 @@ def _from_file(path: Path) -> Any:
     return module
 
 
+def zoo_inputs(spec: str) -> dict[str, Any] | None:
+    """The example inputs of a ``transformers:NAME`` spec (keyword inputs); None for others.
+
+    Example::
+
+        zoo_inputs("transformers:bert")   # {"input_ids": ..., "attention_mask": ...}
+    """
+    source, _, name = spec.rpartition(":")
+    if source != "transformers":
+        return None
+    from fxcomp.cli.zoo import transformer
+
+    return transformer(name)[1]
+
+
 def load_model(spec: str) -> nn.Module:
-    """The model a spec names: ``torchvision:NAME``, ``pkg.mod:attr`` or ``file.py:attr``.
+    """The model a spec names: ``torchvision:NAME``, ``timm:NAME``, ``transformers:NAME``,
+    ``pkg.mod:attr`` or ``file.py:attr``.
 
     Example::
 
@@ -66,10 +85,15 @@ def load_model(spec: str) -> nn.Module:
     if not sep or not source or not attr:
         raise InputError(
             f"model spec '{spec}' is not SOURCE:NAME",
-            hint="use torchvision:resnet18, my_package.models:build or path/to/model.py:Net",
+            hint="use torchvision:resnet18, timm:mobilevit_xxs, transformers:bert, "
+            "my_package.models:build or path/to/model.py:Net",
         )
     if source == "torchvision":
         return _torchvision(attr)
+    if source in ("timm", "transformers"):
+        from fxcomp.cli.zoo import timm_model, transformer
+
+        return timm_model(attr) if source == "timm" else transformer(attr)[0]
     if source.endswith(".py"):
         container = _from_file(Path(source))
     else:

@@ -19,7 +19,15 @@ from torch import nn
 
 from fxcomp.ir.errors import InputError
 
-__all__ = ["TIMM", "TRANSFORMERS", "text_inputs", "timm_model", "transformer"]
+__all__ = [
+    "TIMM",
+    "TRANSFORMERS",
+    "non_degenerate",
+    "randomize_batchnorm",
+    "text_inputs",
+    "timm_model",
+    "transformer",
+]
 
 _VOCAB = 500
 
@@ -111,7 +119,7 @@ def _gpt2() -> nn.Module:
 
     tokens = dict.fromkeys(("pad_token_id", "bos_token_id", "eos_token_id"), 0)
     config = t.GPT2Config(
-        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, **tokens
+        vocab_size=_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False, **tokens
     )
     return t.GPT2LMHeadModel(config)
 
@@ -120,7 +128,11 @@ def _llama() -> nn.Module:
     import transformers as t
 
     config = t.LlamaConfig(
-        vocab_size=_VOCAB, num_key_value_heads=2, max_position_embeddings=64, **_encoder()
+        vocab_size=_VOCAB,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,  # a plain forward returns logits alone; generate() still caches
+        **_encoder(),
     )
     return t.LlamaForCausalLM(config)
 
@@ -245,8 +257,43 @@ TIMM = (
 )
 
 
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics, so that folding changes the weights.
+
+    Example::
+
+        randomize_batchnorm(torchvision.models.resnet18())
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.data.copy_(torch.rand(n, generator=gen) * 0.2 - 0.1)
+    return model
+
+
+def non_degenerate(model: nn.Module) -> nn.Module:
+    """``model`` with its zero-initialised weight matrices (ViT heads, which would make
+    every output 0) drawn at random and its BatchNorm statistics randomized: random
+    weights that exercise folding and parity checks.
+
+    Example::
+
+        model = non_degenerate(torchvision.models.vit_b_16())
+    """
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        if p.dim() >= 2 and not p.any():
+            p.data.normal_(0, 0.02, generator=gen)
+    return randomize_batchnorm(model)
+
+
 def timm_model(name: str, seed: int = 0) -> nn.Module:
-    """A timm model with random weights, in eval mode.
+    """A timm model with random weights (``non_degenerate``), in eval mode.
 
     Example::
 
@@ -256,6 +303,6 @@ def timm_model(name: str, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     try:
-        return timm.create_model(name, pretrained=False).eval()
+        return non_degenerate(timm.create_model(name, pretrained=False)).eval()
     except RuntimeError as err:
         raise InputError(f"timm has no model {name!r}: {err}") from err

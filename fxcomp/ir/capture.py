@@ -303,10 +303,18 @@ def _export_error(err: Exception) -> TraceError:
         else ""
     )
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = (
+        "a data-dependent shape or branch needs torch._check or torch.cond in the model, "
+        "or dynamic_shapes that fix the axis it depends on"
+    )
+    if "in output, which is not a known type" in reason:  # a Hugging Face key/value cache
+        hint = (
+            "the model returns an object export cannot flatten; for a Hugging Face "
+            "language model add use_cache=False to the example inputs"
+        )
     return TraceError(
         f"torch.export cannot capture the model{where}: {type(err).__name__}: {reason}",
-        hint="a data-dependent shape or branch needs torch._check or torch.cond in the model, "
-        "or dynamic_shapes that fix the axis it depends on",
+        hint=hint,
     )
 
 

@@ -37,6 +37,8 @@ from fxcomp.ir.errors import FxcompError, InputError
 
 __all__ = ["FORMAT", "load", "save"]
 
+aten = torch.ops.aten
+
 FORMAT = "fxcomp-graph/1"
 _MODULE_PREFIXES = ("torch.nn.", "fxcomp.")
 _FUNCTION_MODULES = {
@@ -48,6 +50,7 @@ _FUNCTION_MODULES = {
     "fxcomp.nn.fused",
     "fxcomp.nn.attention",
 }
+_ATEN = "torch.ops.aten."
 _FORBIDDEN = ("save", "load", "file", "hub", "jit", "compile", "export", "set_")
 _SKIPPED_ARGUMENTS = {"self", "device", "dtype"}
 
@@ -112,6 +115,13 @@ def _target(node: Node) -> str:
 def _resolve_function(name: str) -> Any:
     if name == "getattr":
         return builtins.getattr
+    if name.startswith(_ATEN):  # an ATen operator of a graph torch.export captured
+        op, _, overload = name.removeprefix(_ATEN).rpartition(".")
+        packet = None if any(word in op for word in _FORBIDDEN) else getattr(aten, op, None)
+        function = getattr(packet, overload, None) if packet is not None else None
+        if not isinstance(function, torch._ops.OpOverload):
+            raise FxcompError(f"the file calls {name}, which fxcomp.load does not allow")
+        return function
     module_name, _, attr = name.rpartition(".")
     if module_name == "operator":
         module_name = "_operator"
@@ -233,8 +243,11 @@ def save(module: GraphModule, path: str | Path) -> None:
         )
     seen: dict[int, tuple[str, str]] = {}
     aliases = []  # [module, key, source module, source key]: one tensor under two names
-    for name in modules:
-        for key, tensor in module.get_submodule(name).state_dict(keep_vars=True).items():
+    # the state dicts stay alive until the end, so that no tensor a state-dict hook made
+    # is freed and its id() taken by another: ids here tell shared tensors apart
+    states = {name: module.get_submodule(name).state_dict(keep_vars=True) for name in modules}
+    for name, state in states.items():
+        for key, tensor in state.items():
             if id(tensor) in seen:
                 aliases.append([name, key, *seen[id(tensor)]])
                 continue

@@ -1,0 +1,218 @@
+"""Linear layers whose weight is stored in 8 or 4 bits and computed with the CPU's
+weight-only kernels: ``WeightOnlyLinear``.
+
+8 bits: int8 codes per output channel, symmetric (``w = q * scale``), computed with
+``torch._weight_int8pack_mm``. 4 bits: codes 0..15 in groups of ``group_size`` input
+channels, asymmetric (``w = q * scale + minimum``), computed with
+``aten._weight_int4pack_mm_for_cpu`` on that kernel's packed layout. Activations stay in
+floating point. Where a shape does not fit the int4 kernel (its output width must be a
+multiple of 16), the layer dequantizes its weight and multiplies in floating point:
+``kernel`` says which.
+
+The int4 kernel's packed layout is the CPU build's own, so the state dict holds the codes
+in a portable form (two per byte, the even input channel in the low nibble) and loading
+packs them for the CPU at hand; only the packed form stays in memory.
+
+An optional ``input_scale`` multiplies the input first: an AWQ scale that could not be
+folded into the op before the layer.
+
+Example::
+
+    layer = WeightOnlyLinear.from_codes(nn.Linear(256, 64), codes, scale, minimum, bits=4,
+                                        group_size=128)
+    y = layer(torch.randn(3, 256))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["GROUP_SIZES", "WeightOnlyLinear", "dequantize"]
+
+aten = torch.ops.aten
+
+GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+_INT4_BLOCK = 16  # the int4 kernel packs output channels in blocks of 16
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """The float weight ``codes`` stand for: ``codes * scale (+ minimum)``, with ``scale`` and
+    ``minimum`` given per group of ``group_size`` input channels (out, in / group_size).
+
+    Example::
+
+        w = dequantize(codes, scale, None, codes.shape[1])   # int8 per output channel
+    """
+    expand = lambda t: t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    weight = codes.float() * expand(scale)
+    return weight if minimum is None else weight + expand(minimum)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
+
+
+def _pack_order(rows: int, columns: int) -> torch.Tensor:
+    """For each code the int4 kernel's packed layout holds (in ``_nibbles`` order), the flat
+    (row, column) index it came from: each base-16 digit of the indices packed in turn."""
+    index = torch.arange(rows * columns)
+    order = torch.zeros_like(index)
+    for digit in range(max(1, math.ceil(math.log(rows * columns, 16)))):
+        codes = ((index >> (4 * digit)) & 15).reshape(rows, columns).to(torch.int32)
+        packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        order |= _nibbles(packed).flatten().long() << (4 * digit)
+    if not torch.equal(order.sort().values, index):
+        raise RuntimeError("the int4 kernel's packing is not a permutation of the codes")
+    return order
+
+
+class WeightOnlyLinear(nn.Module):
+    """``y = x @ W.T + b`` with ``W`` in int8 per output channel or int4 per group.
+
+    Example::
+
+        WeightOnlyLinear(256, 64, bits=8)(torch.randn(2, 256))   # zero weight until loaded
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 8,
+        group_size: int | None = None,
+        bias: bool = True,
+        input_scale: bool = False,
+    ) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, not {bits}")
+        group_size = in_features if bits == 8 else group_size
+        if group_size is None or in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide {in_features} inputs")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group_size
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        if bits == 8:
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.minimum = None
+        else:
+            self.register_buffer("minimum", torch.zeros(out_features, groups))
+            codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
+            self.register_buffer("weight", self._packed(codes), persistent=False)
+            self.register_state_dict_post_hook(WeightOnlyLinear._portable_state)
+            self.register_load_state_dict_pre_hook(WeightOnlyLinear._pack_loaded)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
+
+    @classmethod
+    def from_codes(
+        cls,
+        layer: nn.Linear,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor | None = None,
+        *,
+        bits: int,
+        group_size: int | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> WeightOnlyLinear:
+        """The layer for ``layer``'s shape and bias with the given codes (int8 for 8 bits,
+        uint8 0..15 for 4) and grid (``scale`` and, for 4 bits, ``minimum`` per group)."""
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            bits,
+            group_size,
+            layer.bias is not None,
+            input_scale is not None,
+        )
+        with torch.no_grad():
+            new.scale.copy_(scale.reshape(new.scale.shape))
+            if bits == 8:
+                new.weight.copy_(codes)
+            else:
+                new.minimum.copy_(minimum)
+                new.weight = new._packed(codes)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+            if input_scale is not None:
+                new.input_scale.copy_(input_scale)
+        return new
+
+    @property
+    def kernel(self) -> bool:
+        """Whether the layer computes with a weight-only kernel (else it dequantizes)."""
+        return self.bits == 8 or (
+            self.out_features % _INT4_BLOCK == 0 and self.group_size in GROUP_SIZES
+        )
+
+    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.kernel:
+            return aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        return codes[:, ::2] | (codes[:, 1::2] << 4)
+
+    def codes(self) -> torch.Tensor:
+        """The stored codes as (out, in) integers."""
+        if self.bits == 8:
+            return self.weight
+        if not self.kernel:
+            return _nibbles(self.weight)
+        order = _pack_order(self.out_features, self.in_features)
+        codes = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
+        codes[order] = _nibbles(self.weight).flatten()
+        return codes.reshape(self.out_features, self.in_features)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the layer computes with."""
+        return dequantize(self.codes(), self.scale, self.minimum, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale.to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scale[:, 0].to(x.dtype))
+        elif self.kernel:
+            y = aten._weight_int4pack_mm_for_cpu(
+                flat, self.weight, self.group_size, self._scales_and_zeros(x.dtype)
+            )
+        else:
+            y = flat @ self.dequantized_weight().to(x.dtype).T
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
+        # the kernel computes (q - 8) * scale + zero per group: zero = minimum + 8 * scale
+        zero = self.minimum + 8 * self.scale
+        return torch.stack([self.scale.T, zero.T], -1).to(dtype).contiguous()
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight, its grid and the bias."""
+        tensors = [self.weight, self.scale, self.minimum, self.bias, self.input_scale]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        path = "kernel" if self.kernel else "dequantize"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, {path}"
+        )
+
+    @staticmethod
+    def _portable_state(module: Any, state: dict[str, Any], prefix: str, _: Any) -> None:
+        codes = module.codes()
+        state[f"{prefix}weight"] = codes[:, ::2] | (codes[:, 1::2] << 4)
+
+    @staticmethod
+    def _pack_loaded(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:
+        portable = state.pop(f"{prefix}weight", None)
+        if portable is not None:
+            module.weight = module._packed(_nibbles(portable))

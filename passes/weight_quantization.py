@@ -1,0 +1,268 @@
+"""Weight-only quantization: ``Linear(x; W) -> WeightOnlyLinear(x; Q(W))``, int8 or int4.
+
+Each Linear stores its weight in int8 per output channel (``bits=8``) or in 4-bit codes
+per group of ``group_size`` input channels (``bits=4``) and computes through the CPU's
+weight-only kernels (``fxcomp.nn.weight_only``); activations stay in floating point. It is
+the compression that speeds up decoding a language model at batch 1, which is bound by
+reading the weights. The codes come from one of three methods (``fxcomp.quant.weight_grid``):
+
+- ``rtn``: each weight rounded to its nearest code. No data.
+- ``gptq``: column by column with error feedback through the inverse Hessian of the
+  layer's inputs measured on ``data``. Layers are taken in graph order, those reading one
+  tensor together, each measured with the layers before it already quantized.
+- ``awq``: a per-input-channel scale searched on ``data`` to protect the channels with
+  large activations, then rounding. The scale folds into the LayerNorm before the layers
+  where ``fxcomp.nn.scaling`` finds one; otherwise the layer divides its input itself
+  (``input_scale``, one multiply).
+
+The language model's head (the Linear whose output is the graph's output) stays float
+unless ``lm_head=True``; ``skip`` names other layers to leave. ``report.tables
+["quantize_weights"]`` gives each layer's method, weight SQNR, bytes and whether a kernel
+or the dequantizing fallback computes it.
+
+Example::
+
+    passes=[quantize_weights(bits=4, group_size=128, method="gptq", data=batches)]
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Node
+from tqdm import tqdm
+
+from fxcomp.ir.errors import InputError
+from fxcomp.ir.graph import replace_module
+from fxcomp.nn.scaling import rescale_, scale_pairs
+from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyLinear
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.pipeline.pass_manager import Pass, PassResult
+from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
+from fxcomp.runtime.parity import sqnr
+from fxcomp.runtime.training import split_batch
+
+__all__ = ["WeightOnlyOptions", "quantize_weights"]
+
+METHODS = ("rtn", "gptq", "awq")
+_AWQ_ROWS = 4096  # the input rows kept per layer group for the AWQ search
+
+
+@dataclass(frozen=True)
+class WeightOnlyOptions:
+    """Bits (8 or 4), the 4-bit group size, the method and its data, and the layers left."""
+
+    bits: int = 8
+    group_size: int = 128
+    method: str = "rtn"
+    data: Iterable[Any] | None = None
+    skip: tuple[str, ...] = ()
+    lm_head: bool = False
+    act_order: bool = False
+    progress: bool = True
+
+
+def _layers(gm: GraphModule, options: WeightOnlyOptions) -> list[list[Node]]:
+    """The Linear calls to quantize, in groups that read one tensor, in graph order."""
+    names = {name for name, m in gm.named_modules() if isinstance(m, nn.Linear)}
+    unknown = [name for name in options.skip if name not in names]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+        raise InputError(
+            f"quantize_weights: skip names '{unknown[0]}', which is not a Linear layer",
+            hint=f"did you mean {', '.join(close)}?" if close else "see fxcomp dump MODEL",
+        )
+    output = next(iter(gm.graph.find_nodes(op="output")))
+    groups: dict[Node, list[Node]] = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        if type(gm.get_submodule(str(node.target))) is not nn.Linear:
+            continue
+        if str(node.target) in options.skip or (output in node.users and not options.lm_head):
+            continue
+        groups.setdefault(node.args[0], []).append(node)
+    return list(groups.values())
+
+
+def _check(gm: GraphModule, groups: list[list[Node]], options: WeightOnlyOptions) -> None:
+    """Refuse, before any work, a group size that does not divide a layer's input width."""
+    if options.bits == 8:
+        return
+    for node in (n for group in groups for n in group):
+        width = gm.get_submodule(str(node.target)).in_features
+        if width % options.group_size:
+            fits = [g for g in GROUP_SIZES if width % g == 0]
+            raise InputError(
+                f"quantize_weights: group size {options.group_size} does not divide the "
+                f"{width} inputs of layer '{node.target}'",
+                hint=f"use group_size={fits[-1]}" if fits else f"skip=['{node.target}']",
+            )
+
+
+def _watch(gm: GraphModule, group: list[Node], batches: list[tuple[Any, ...]], record: Any) -> None:
+    """Run ``batches`` through ``gm`` calling ``record(rows)`` with the input rows the first
+    layer of ``group`` reads (all of them read the same)."""
+    layer = gm.get_submodule(str(group[0].target))
+
+    def hook(_: Any, args: tuple[Any, ...]) -> None:
+        record(args[0].detach().reshape(-1, layer.in_features).float())
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                gm(*inputs)
+    finally:
+        handle.remove()
+
+
+def _hessian(gm: GraphModule, group: list[Node], batches: list[tuple[Any, ...]]) -> torch.Tensor:
+    width = gm.get_submodule(str(group[0].target)).in_features
+    hessian, seen = torch.zeros(width, width, dtype=torch.float64), 0
+
+    def record(rows: torch.Tensor) -> None:
+        nonlocal hessian, seen
+        rows = rows.double()
+        hessian = hessian * (seen / (seen + len(rows))) + rows.T @ rows * (2 / (seen + len(rows)))
+        seen += len(rows)
+
+    _watch(gm, group, batches, record)
+    return hessian
+
+
+def _sample_rows(
+    gm: GraphModule, group: list[Node], batches: list[tuple[Any, ...]]
+) -> torch.Tensor:
+    rows: list[torch.Tensor] = []
+    _watch(gm, group, batches, rows.append)
+    stacked = torch.cat(rows)
+    keep = torch.randperm(len(stacked), generator=torch.Generator().manual_seed(0))[:_AWQ_ROWS]
+    return stacked[keep]
+
+
+def _awq(
+    gm: GraphModule, group: list[Node], rows: torch.Tensor, grid: WeightGrid
+) -> torch.Tensor | None:
+    """Search the group's AWQ scale; fold it into the LayerNorm before the group where
+    there is one (returns None), else return the input scale the layers apply."""
+    layers = [gm.get_submodule(str(n.target)) for n in group]
+    scale = awq_scale([layer.weight.detach() for layer in layers], rows, grid)
+    names = {str(n.target) for n in group}
+    pair = next((p for p in scale_pairs(gm, norms=True) if set(p.consumers) == names), None)
+    if pair is not None:
+        rescale_(gm, pair, scale)  # the norm's output divided, the layers' columns multiplied
+        return None
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(scale)
+    return 1 / scale
+
+
+def quantize_layer_weights(
+    gm: GraphModule, ctx: CompileContext, *, options: WeightOnlyOptions
+) -> PassResult:
+    """Quantize the weights of ``gm``'s Linear layers (module docstring)."""
+    groups = _layers(gm, options)
+    _check(gm, groups, options)
+    batches: list[tuple[Any, ...]] = []
+    if options.method != "rtn":
+        data = options.data if options.data is not None else ctx.config.calibration_data
+        if data is None:
+            raise InputError(
+                f"quantize_weights: method '{options.method}' needs data to measure the "
+                "layers' inputs on",
+                hint="pass data=batches (or calibration_data= to compile), or method='rtn'",
+            )
+        count = len(gm.graph.find_nodes(op="placeholder"))
+        batches = [split_batch(b, count, i)[0] for i, b in enumerate(data)]
+    rows = []
+    progress = tqdm(
+        groups,
+        desc=f"quantize_weights {options.method}",
+        unit="group",
+        disable=not options.progress or None,
+    )
+    for group in progress:
+        if options.method == "gptq":
+            hessian = _hessian(gm, group, batches)
+        input_scale = None
+        for node in group:
+            name = str(node.target)
+            layer = gm.get_submodule(name)
+            width = layer.in_features
+            grid = WeightGrid(options.bits, width if options.bits == 8 else options.group_size)
+            if options.method == "awq" and node is group[0]:
+                input_scale = _awq(gm, group, _sample_rows(gm, group, batches), grid)
+            weight = layer.weight.detach().float()
+            if options.method == "gptq":
+                codes, scale, minimum = gptq(weight, hessian, grid, act_order=options.act_order)
+            else:
+                codes, scale, minimum = rtn(weight, grid)
+            new = WeightOnlyLinear.from_codes(
+                layer,
+                codes,
+                scale,
+                minimum,
+                bits=options.bits,
+                group_size=grid.group_size,
+                input_scale=input_scale,
+            )
+            replace_module(gm, name, new)
+            rows.append(
+                {
+                    "layer": name,
+                    "method": options.method,
+                    "bits": options.bits,
+                    "group": grid.group_size,
+                    "weight_sqnr_db": f"{sqnr(weight, new.dequantized_weight()):.1f}",
+                    "bytes": new.storage_bytes(),
+                    "float32_bytes": 4 * weight.numel(),
+                    "compute": "kernel" if new.kernel else "dequantize",
+                }
+            )
+    if rows:
+        ctx.state.report.tables["quantize_weights"] = rows
+    return PassResult(gm, modified=bool(rows))
+
+
+def quantize_weights(
+    bits: int = 8,
+    group_size: int = 128,
+    method: str = "rtn",
+    data: Iterable[Any] | None = None,
+    *,
+    skip: Iterable[str] = (),
+    lm_head: bool = False,
+    act_order: bool = False,
+    progress: bool = True,
+) -> Pass:
+    """Store Linear weights in int8 per channel or int4 per group, computed with the CPU's
+    weight-only kernels; ``method`` rtn, gptq or awq (module docstring).
+
+    Example::
+
+        passes=[quantize_weights(bits=4, group_size=128, method="awq", data=batches)]
+    """
+    if bits not in (8, 4):
+        raise InputError(f"quantize_weights takes bits=8 or bits=4, not {bits}")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise InputError(
+            f"quantize_weights: group_size {group_size} is not one the int4 kernel takes",
+            hint=f"use one of {', '.join(map(str, GROUP_SIZES))}",
+        )
+    if method not in METHODS:
+        raise InputError(
+            f"quantize_weights: unknown method '{method}'", hint=f"use {', '.join(METHODS)}"
+        )
+    options = WeightOnlyOptions(
+        bits, group_size, method, data, tuple(skip), lm_head, act_order, progress
+    )
+
+    def run(gm: GraphModule, ctx: CompileContext) -> PassResult:
+        return quantize_layer_weights(gm, ctx, options=options)
+
+    return Pass("quantize_weights", run, run_after=("fuse", "prune", "distill"), options=options)
