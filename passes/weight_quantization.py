@@ -74,7 +74,7 @@ def _layers(gm: GraphModule, options: WeightOnlyOptions) -> list[list[Node]]:
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
         raise InputError(
-            f"quantize_weights: skip names '{unknown[0]}', which is not a Linear layer",
+            f"skip names '{unknown[0]}', which is not a Linear layer",
             hint=f"did you mean {', '.join(close)}?" if close else "see fxcomp dump MODEL",
         )
     output = next(iter(gm.graph.find_nodes(op="output")))
@@ -97,7 +97,7 @@ def _check(gm: GraphModule, groups: list[list[Node]], options: WeightOnlyOptions
         if width % options.group_size:
             fits = [g for g in GROUP_SIZES if width % g == 0]
             raise InputError(
-                f"quantize_weights: group size {options.group_size} does not divide the "
+                f"group size {options.group_size} does not divide the "
                 f"{width} inputs of layer '{node.target}'",
                 hint=f"use group_size={fits[-1]}" if fits else f"skip=['{node.target}']",
             )
@@ -173,8 +173,7 @@ def quantize_layer_weights(
         data = options.data if options.data is not None else ctx.config.calibration_data
         if data is None:
             raise InputError(
-                f"quantize_weights: method '{options.method}' needs data to measure the "
-                "layers' inputs on",
+                f"method '{options.method}' needs data to measure the layers' inputs on",
                 hint="pass data=batches (or calibration_data= to compile), or method='rtn'",
             )
         count = len(gm.graph.find_nodes(op="placeholder"))
