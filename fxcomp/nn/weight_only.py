@@ -5,13 +5,17 @@ weight-only kernels: ``WeightOnlyLinear``.
 ``torch._weight_int8pack_mm``. 4 bits: codes 0..15 in groups of ``group_size`` input
 channels, asymmetric (``w = q * scale + minimum``), computed with
 ``aten._weight_int4pack_mm_for_cpu`` on that kernel's packed layout. Activations stay in
-floating point. Where a shape does not fit the int4 kernel (its output width must be a
-multiple of 16), the layer dequantizes its weight and multiplies in floating point:
-``kernel`` says which.
+floating point. The kernels are made for a few rows at a time (decoding: one token per
+sequence), where reading the weight is the cost; with more rows than ``KERNEL_ROWS`` (a
+prompt, a calibration batch) they are slower than float, so the layer dequantizes its
+weight and runs the float matmul. Where a shape does not fit the int4 kernel (its output
+width must be a multiple of 16) it always dequantizes: ``kernel`` says which.
 
-The int4 kernel's packed layout is the CPU build's own, so the state dict holds the codes
-in a portable form (two per byte, the even input channel in the low nibble) and loading
-packs them for the CPU at hand; only the packed form stays in memory.
+The int4 kernel's packed layout is the CPU build's own. The layer keeps the codes in a
+portable form too (two per byte, the even input channel in the low nibble): that is what
+the state dict holds and what dequantizing reads, and loading packs it for the CPU at hand.
+An int4 layer so holds one byte per weight in memory, and reads half a byte per weight
+when it decodes.
 
 An optional ``input_scale`` multiplies the input first: an AWQ scale that could not be
 folded into the op before the layer.
@@ -25,17 +29,17 @@ Example::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["GROUP_SIZES", "WeightOnlyLinear", "dequantize"]
+__all__ = ["GROUP_SIZES", "KERNEL_ROWS", "WeightOnlyLinear", "dequantize"]
 
 aten = torch.ops.aten
 
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+KERNEL_ROWS = 8  # above this many input rows, dequantize and run the float matmul
 _INT4_BLOCK = 16  # the int4 kernel packs output channels in blocks of 16
 
 
@@ -56,20 +60,6 @@ def dequantize(
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
-
-
-def _pack_order(rows: int, columns: int) -> torch.Tensor:
-    """For each code the int4 kernel's packed layout holds (in ``_nibbles`` order), the flat
-    (row, column) index it came from: each base-16 digit of the indices packed in turn."""
-    index = torch.arange(rows * columns)
-    order = torch.zeros_like(index)
-    for digit in range(max(1, math.ceil(math.log(rows * columns, 16)))):
-        codes = ((index >> (4 * digit)) & 15).reshape(rows, columns).to(torch.int32)
-        packed = aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        order |= _nibbles(packed).flatten().long() << (4 * digit)
-    if not torch.equal(order.sort().values, index):
-        raise RuntimeError("the int4 kernel's packing is not a permutation of the codes")
-    return order
 
 
 class WeightOnlyLinear(nn.Module):
@@ -104,10 +94,10 @@ class WeightOnlyLinear(nn.Module):
             self.minimum = None
         else:
             self.register_buffer("minimum", torch.zeros(out_features, groups))
-            codes = torch.zeros(out_features, in_features, dtype=torch.uint8)
-            self.register_buffer("weight", self._packed(codes), persistent=False)
-            self.register_state_dict_post_hook(WeightOnlyLinear._portable_state)
-            self.register_load_state_dict_pre_hook(WeightOnlyLinear._pack_loaded)
+            portable = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+            self.register_buffer("weight", portable)
+            self.register_buffer("packed", self._packed(), persistent=False)
+            self.register_load_state_dict_post_hook(WeightOnlyLinear._pack_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
 
@@ -139,7 +129,8 @@ class WeightOnlyLinear(nn.Module):
                 new.weight.copy_(codes)
             else:
                 new.minimum.copy_(minimum)
-                new.weight = new._packed(codes)
+                new.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
+                new.packed = new._packed()
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
             if input_scale is not None:
@@ -153,21 +144,15 @@ class WeightOnlyLinear(nn.Module):
             self.out_features % _INT4_BLOCK == 0 and self.group_size in GROUP_SIZES
         )
 
-    def _packed(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.kernel:
-            return aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        return codes[:, ::2] | (codes[:, 1::2] << 4)
+    def _packed(self) -> torch.Tensor | None:
+        """The codes in the int4 kernel's layout (None where the kernel does not fit)."""
+        if not self.kernel:
+            return None
+        return aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
 
     def codes(self) -> torch.Tensor:
         """The stored codes as (out, in) integers."""
-        if self.bits == 8:
-            return self.weight
-        if not self.kernel:
-            return _nibbles(self.weight)
-        order = _pack_order(self.out_features, self.in_features)
-        codes = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
-        codes[order] = _nibbles(self.weight).flatten()
-        return codes.reshape(self.out_features, self.in_features)
+        return self.weight if self.bits == 8 else _nibbles(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the layer computes with."""
@@ -177,14 +162,14 @@ class WeightOnlyLinear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale.to(x.dtype)
         flat = x.reshape(-1, self.in_features)
-        if self.bits == 8:
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scale[:, 0].to(x.dtype))
-        elif self.kernel:
-            y = aten._weight_int4pack_mm_for_cpu(
-                flat, self.weight, self.group_size, self._scales_and_zeros(x.dtype)
-            )
-        else:
+        if len(flat) > KERNEL_ROWS or not self.kernel:
             y = flat @ self.dequantized_weight().to(x.dtype).T
+        elif self.bits == 8:
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scale[:, 0].to(x.dtype))
+        else:
+            y = aten._weight_int4pack_mm_for_cpu(
+                flat, self.packed, self.group_size, self._scales_and_zeros(x.dtype)
+            )
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -195,7 +180,7 @@ class WeightOnlyLinear(nn.Module):
         return torch.stack([self.scale.T, zero.T], -1).to(dtype).contiguous()
 
     def storage_bytes(self) -> int:
-        """Bytes of the stored weight, its grid and the bias."""
+        """Bytes of the stored weight (as saved: the portable codes), its grid and bias."""
         tensors = [self.weight, self.scale, self.minimum, self.bias, self.input_scale]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -207,12 +192,5 @@ class WeightOnlyLinear(nn.Module):
         )
 
     @staticmethod
-    def _portable_state(module: Any, state: dict[str, Any], prefix: str, _: Any) -> None:
-        codes = module.codes()
-        state[f"{prefix}weight"] = codes[:, ::2] | (codes[:, 1::2] << 4)
-
-    @staticmethod
-    def _pack_loaded(module: Any, state: dict[str, Any], prefix: str, *_: Any) -> None:
-        portable = state.pop(f"{prefix}weight", None)
-        if portable is not None:
-            module.weight = module._packed(_nibbles(portable))
+    def _pack_loaded(module: Any, _: Any) -> None:
+        module.packed = module._packed()
