@@ -90,14 +90,23 @@ def quality_rows() -> list[dict[str, object]]:
     return rows
 
 
+def _bytes(tensor: torch.Tensor) -> int:
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    if type(data) is not torch.Tensor and hasattr(data, "__tensor_flatten__"):  # torchao's
+        names, _ = data.__tensor_flatten__()
+        return sum(_bytes(getattr(data, name)) for name in names)
+    return data.numel() * data.element_size()
+
+
 def _weight_bytes(model: torch.nn.Module) -> int:
+    """The bytes a model's weights are stored in (saved form, not what is resident)."""
     total = 0
     for module in model.modules():
         if hasattr(module, "storage_bytes"):
             total += module.storage_bytes()
             continue
-        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            total += tensor.numel() * tensor.element_size()
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        total += sum(_bytes(t) for t in tensors)
     return total
 
 
@@ -109,7 +118,7 @@ def speed_models() -> dict[str, torch.nn.Module]:
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SPEED_CONFIG)).eval()
-    example = {"input_ids": torch.randint(0, 32000, (1, 64))}
+    example = {"input_ids": torch.randint(0, 32000, (1, 64)), "use_cache": False}
     models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
     for bits in (8, 4):
         result = fxcomp.compile(

@@ -38,9 +38,11 @@ def test_layer_computes_its_dequantized_weight(bits, rows, kernel):
         layer, *rtn(layer.weight.detach(), grid), bits=bits, group_size=grid.group_size
     )
     assert new.kernel is kernel  # the int4 kernel packs output channels in blocks of 16
-    x = torch.randn(2, 5, 256)
+    x = torch.randn(2, 5, 256)  # more rows than the kernels take: float matmul, exact
     expected = x @ new.dequantized_weight().T + layer.bias
     assert relative_error(new(x), expected.detach()) < 1e-4
+    few = x[0, :3]  # the kernels, on activations rounded to bfloat16
+    assert relative_error(new(few), expected[0, :3].detach()) < 1e-2
     assert relative_error(new(x), layer(x).detach()) < (0.01 if bits == 8 else 0.15)
     stored = rows * 256 * bits // 8
     assert stored < new.storage_bytes() < stored + rows * 4 * (2 + 256 // 64 * 2) + 1

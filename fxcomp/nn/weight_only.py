@@ -6,7 +6,9 @@ weight-only kernels: ``WeightOnlyLinear``.
 channels, asymmetric (``w = q * scale + minimum``), computed with
 ``aten._weight_int4pack_mm_for_cpu`` on that kernel's packed layout. Activations stay in
 floating point. The kernels are made for a few rows at a time (decoding: one token per
-sequence), where reading the weight is the cost; with more rows than ``KERNEL_ROWS`` (a
+sequence), where reading the weight is the cost, and for 16-bit activations: a float32
+input is rounded to bfloat16 for them (and their result cast back), which makes them about
+three times faster than with float32. With more rows than ``KERNEL_ROWS`` (a
 prompt, a calibration batch) they are slower than float, so the layer dequantizes its
 weight and runs the float matmul. Where a shape does not fit the int4 kernel (its output
 width must be a multiple of 16) it always dequantizes: ``kernel`` says which.
@@ -164,12 +166,16 @@ class WeightOnlyLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         if len(flat) > KERNEL_ROWS or not self.kernel:
             y = flat @ self.dequantized_weight().to(x.dtype).T
-        elif self.bits == 8:
-            y = torch._weight_int8pack_mm(flat, self.weight, self.scale[:, 0].to(x.dtype))
-        else:
-            y = aten._weight_int4pack_mm_for_cpu(
-                flat, self.packed, self.group_size, self._scales_and_zeros(x.dtype)
-            )
+        else:  # the kernels are built for 16-bit activations: 3x faster than with float32
+            dtype = torch.bfloat16 if x.dtype == torch.float32 else x.dtype
+            if self.bits == 8:
+                scale = self.scale[:, 0].to(dtype)
+                y = torch._weight_int8pack_mm(flat.to(dtype), self.weight, scale).to(x.dtype)
+            else:
+                grid = self._scales_and_zeros(dtype)
+                y = aten._weight_int4pack_mm_for_cpu(
+                    flat.to(dtype), self.packed, self.group_size, grid
+                ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
