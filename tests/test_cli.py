@@ -149,6 +149,7 @@ def test_passes_lists_the_built_in_passes():
         "sparsify",
         "quantize",
         "quantize_dynamic",
+        "quantize_weights",
         "unpack_attention",
         "equalize",
         "smooth_quant",

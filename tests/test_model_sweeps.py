@@ -80,8 +80,8 @@ def test_a_hugging_face_model_compiles_through_every_pass(name):
     assert pruned.parameters_after < 0.95 * pruned.parameters_before
 
 
-# the timm families where every channel group prune sees is blocked by an op it cannot keep
-# exact (named in the report, and by ``fxcomp dump timm:NAME --groups``)
+# the timm families where all but a few channel groups are blocked by ops prune cannot keep
+# exact (named in the report, and by ``fxcomp dump timm:NAME --groups``): under 1% goes
 PRUNE_BLOCKED = {"levit_128", "caformer_s18", "gmlp_s16_224"}
 
 
@@ -98,6 +98,6 @@ def test_a_timm_model_captures_fuses_and_prunes(name):
         assert pruned.module(x).shape == expected.shape
     kept = pruned.report.find("prune")
     if name in PRUNE_BLOCKED:
-        assert kept.parameters_after == kept.parameters_before
+        assert kept.parameters_after >= 0.99 * kept.parameters_before
     else:
         assert kept.parameters_after < 0.99 * kept.parameters_before
