@@ -145,7 +145,7 @@ def _train(model: nn.Module, text: torch.Tensor, *, progress: bool) -> None:
     bar = tqdm(data, desc="train stdlib LM", unit="step", disable=not progress or None)
     for window in bar:
         logits = model(input_ids=window[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, 256), window[:, 1:].reshape(-1))
+        loss = F.cross_entropy(logits.reshape(-1, CONFIG["vocab_size"]), window[:, 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -174,7 +174,9 @@ def perplexity(model: Any, text: torch.Tensor, *, length: int = 256, windows: in
             logits = output.logits if hasattr(output, "logits") else output[0]
             total += float(
                 F.cross_entropy(
-                    logits.reshape(-1, 256).float(), targets[i : i + 8].reshape(-1), reduction="sum"
+                    logits.reshape(-1, CONFIG["vocab_size"]).float(),
+                    targets[i : i + 8].reshape(-1),
+                    reduction="sum",
                 )
             )
     return math.exp(total / targets.numel())

@@ -98,7 +98,9 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("minimum", torch.zeros(out_features, groups))
             portable = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
             self.register_buffer("weight", portable)
-            self.register_buffer("packed", self._packed(), persistent=False)
+            self.register_buffer("packed", None, persistent=False)
+            self.register_buffer("packed_grid", None, persistent=False)
+            self._pack()
             self.register_load_state_dict_post_hook(WeightOnlyLinear._pack_loaded)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("input_scale", torch.ones(in_features) if input_scale else None)
@@ -132,7 +134,7 @@ class WeightOnlyLinear(nn.Module):
             else:
                 new.minimum.copy_(minimum)
                 new.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
-                new.packed = new._packed()
+                new._pack()
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
             if input_scale is not None:
@@ -146,11 +148,15 @@ class WeightOnlyLinear(nn.Module):
             self.out_features % _INT4_BLOCK == 0 and self.group_size in GROUP_SIZES
         )
 
-    def _packed(self) -> torch.Tensor | None:
-        """The codes in the int4 kernel's layout (None where the kernel does not fit)."""
+    def _pack(self) -> None:
+        """Put the codes in the int4 kernel's layout, and its grid (per group, ``(q - 8) *
+        scale + zero``: zero = minimum + 8 * scale) in bfloat16, once, where the kernel fits."""
         if not self.kernel:
-            return None
-        return aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+            return
+        self.packed = aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 1)
+        zero = self.minimum + 8 * self.scale
+        grid = torch.stack([self.scale.T, zero.T], -1)
+        self.packed_grid = grid.to(torch.bfloat16).contiguous()
 
     def codes(self) -> torch.Tensor:
         """The stored codes as (out, in) integers."""
@@ -172,18 +178,13 @@ class WeightOnlyLinear(nn.Module):
                 scale = self.scale[:, 0].to(dtype)
                 y = torch._weight_int8pack_mm(flat.to(dtype), self.weight, scale).to(x.dtype)
             else:
-                grid = self._scales_and_zeros(dtype)
+                grid = self.packed_grid.to(dtype)
                 y = aten._weight_int4pack_mm_for_cpu(
                     flat.to(dtype), self.packed, self.group_size, grid
                 ).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _scales_and_zeros(self, dtype: torch.dtype) -> torch.Tensor:
-        # the kernel computes (q - 8) * scale + zero per group: zero = minimum + 8 * scale
-        zero = self.minimum + 8 * self.scale
-        return torch.stack([self.scale.T, zero.T], -1).to(dtype).contiguous()
 
     def storage_bytes(self) -> int:
         """Bytes of the stored weight (as saved: the portable codes), its grid and bias."""
@@ -199,4 +200,4 @@ class WeightOnlyLinear(nn.Module):
 
     @staticmethod
     def _pack_loaded(module: Any, _: Any) -> None:
-        module.packed = module._packed()
+        module._pack()

@@ -124,6 +124,9 @@ def gptq(
         torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True
     )
     codes = torch.zeros(rows, columns, dtype=torch.int8 if grid.bits == 8 else torch.uint8)
+    # every group starts a block, where ``weight`` holds all the error fed back so far: its
+    # grid is then read from the weight as it stands
+    block = min(block, grid.group_size)
     for start in range(0, columns, block):
         stop = min(start + block, columns)
         chunk = weight[:, start:stop].clone()
