@@ -185,17 +185,17 @@ def quantize_layer_weights(
         unit="group",
         disable=not options.progress or None,
     )
-    for group in progress:
+    for group in progress:  # the layers of a group read one tensor: one input width
+        width = gm.get_submodule(str(group[0].target)).in_features
+        grid = WeightGrid(options.bits, width if options.bits == 8 else options.group_size)
         if options.method == "gptq":
             hessian = _hessian(gm, group, batches)
         input_scale = None
+        if options.method == "awq":
+            input_scale = _awq(gm, group, _sample_rows(gm, group, batches), grid)
         for node in group:
             name = str(node.target)
             layer = gm.get_submodule(name)
-            width = layer.in_features
-            grid = WeightGrid(options.bits, width if options.bits == 8 else options.group_size)
-            if options.method == "awq" and node is group[0]:
-                input_scale = _awq(gm, group, _sample_rows(gm, group, batches), grid)
             weight = layer.weight.detach().float()
             if options.method == "gptq":
                 codes, scale, minimum = gptq(weight, hessian, grid, act_order=options.act_order)
