@@ -1,7 +1,13 @@
 """Conv-BN-ReLU fusion: ``BN(Conv(x)) -> Conv'(x)`` and ``ReLU(Conv'(x)) -> ConvReLU(x)``.
 
-Two rules, applied in graph order:
+The rules, applied in graph order:
 
+* ``batchnorm_module`` (first, in a sweep of its own): a functional ``F.batch_norm`` in
+  eval mode whose statistics, weight and bias are tensors of the model (timm's norm
+  layers traced through, a hand-written ``F.batch_norm(x, self.mean, ...)``, the same call
+  in an exported graph) becomes a call of a BatchNorm module holding those same tensors,
+  at ``<owner of the statistics>.batch_norm``, so that the rules below see it. It does
+  not apply in training mode or when the statistics are computed in the graph.
 * ``fold_batchnorm``: an eval-mode BatchNorm1d/2d/3d whose input is a Conv1d/2d/3d (or a
   Linear with a 2-D output, for BatchNorm1d) is folded into that layer's weight and bias
   in place (the per-channel scale in float64, one rounding per weight). It does not apply
@@ -19,6 +25,7 @@ Two rules, applied in graph order:
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
+from torch.fx.operator_schemas import normalize_function
 
 from fxcomp.ir.graph import CONVS, drop_unused, module_of, replace_module, target_name
 from fxcomp.ir.rewrite import NoMatch, Rule, apply_rules, pending_rewrites
@@ -42,6 +50,13 @@ _CONV_FOR_BN = {
     nn.BatchNorm2d: (nn.Conv2d,),
     nn.BatchNorm3d: (nn.Conv3d,),
 }
+_BATCHNORM_FOR = {
+    nn.Conv1d: nn.BatchNorm1d,
+    nn.Linear: nn.BatchNorm1d,
+    nn.Conv2d: nn.BatchNorm2d,
+    nn.Conv3d: nn.BatchNorm3d,
+}
+_BATCHNORM_FOR_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu}
 _RELU_METHODS = {"relu", "relu_"}
 _ADD_FUNCTIONS = {operator.add, torch.add}
@@ -100,6 +115,75 @@ def _single_caller(gm: GraphModule, producer: Node, sharing: _Sharing) -> NoMatc
     if id(inner.weight) in sharing.weights:
         return NoMatch(f"the weight of '{producer.target}' is shared with another layer")
     return None
+
+
+def _is_functional_batchnorm(gm: GraphModule, node: Node) -> bool:
+    return node.op == "call_function" and node.target is F.batch_norm
+
+
+def _match_functional_batchnorm(gm: GraphModule, node: Node) -> tuple[Node, type, dict] | NoMatch:
+    """The call, the BatchNorm class it computes, and its settings and tensors."""
+    call = normalize_function(
+        F.batch_norm, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True
+    )
+    values = call.kwargs if call is not None else {}
+    if values.get("training") is not False:
+        return NoMatch(
+            f"batch_norm runs with training={values.get('training')!r}: its statistics "
+            "change with every batch; put the model in eval mode first"
+        )
+    tensors = {}
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        value = values.get(name)
+        if value is not None and not (isinstance(value, Node) and value.op == "get_attr"):
+            return NoMatch(
+                f"batch_norm's {name} is computed in the graph "
+                f"('{getattr(value, 'name', value)}'), not a tensor of the model; "
+                "only constant statistics fold"
+            )
+        tensors[name] = operator.attrgetter(str(value.target))(gm) if value is not None else None
+    if tensors["running_mean"] is None or tensors["running_var"] is None:
+        return NoMatch("batch_norm has no running statistics")
+    x = values["input"]
+    kind: type | None = _BATCHNORM_FOR.get(type(module_of(gm, x))) if isinstance(x, Node) else None
+    meta = x.meta.get("tensor_meta") if isinstance(x, Node) else None
+    kind = kind or (_BATCHNORM_FOR_RANK.get(len(meta.shape)) if meta is not None else None)
+    if kind is None:
+        return NoMatch("batch_norm's input rank is unknown; run shape propagation first")
+    owner = str(values["running_mean"].target).rpartition(".")[0]
+    return node, kind, {"eps": values["eps"], "owner": owner, **tensors}
+
+
+def _rewrite_functional_batchnorm(gm: GraphModule, found: tuple[Node, type, dict]) -> list[Node]:
+    node, kind, values = found
+    mean, owner = values["running_mean"], values["owner"]
+    affine = values["weight"] is not None or values["bias"] is not None
+    bn = kind(mean.numel(), eps=values["eps"], affine=affine, device=mean.device, dtype=mean.dtype)
+    fill = {"running_mean": None, "running_var": None, "weight": 1, "bias": 0}
+    for name, missing in fill.items():
+        tensor = values[name]
+        if tensor is None and (missing is None or not affine):
+            continue
+        tensor = torch.full_like(mean, missing) if tensor is None else tensor
+        delattr(bn, name)
+        if isinstance(tensor, nn.Parameter):
+            bn.register_parameter(name, tensor)
+        else:
+            bn.register_buffer(name, tensor)
+    parent = gm.get_submodule(owner)
+    attr = next(
+        a
+        for a in (f"batch_norm_{i}" if i else "batch_norm" for i in itertools.count())
+        if not hasattr(parent, a)
+    )
+    name = f"{owner}.{attr}" if owner else attr
+    gm.add_submodule(name, bn.eval())
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_module(name, (node.kwargs.get("input", node.args[0]),))
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return [call]
 
 
 def _is_batchnorm(gm: GraphModule, node: Node) -> bool:
@@ -200,6 +284,14 @@ def _rewrite_relu(gm: GraphModule, producer: Node) -> list[Node]:
     return [node]
 
 
+_MODULE_RULE = Rule(
+    "batchnorm_module",
+    _is_functional_batchnorm,
+    _match_functional_batchnorm,
+    _rewrite_functional_batchnorm,
+)
+
+
 def _rules(gm: GraphModule, options: FuseOptions) -> list[Rule]:
     sharing = _Sharing.of(gm)
     rules = []
@@ -219,9 +311,9 @@ def fuse_conv_bn_relu(
     gm: GraphModule, ctx: CompileContext, *, options: FuseOptions = FuseOptions()
 ) -> PassResult:
     """Fold BatchNorm into Conv/Linear and group ReLU with its producer (module docstring)."""
-    count = apply_rules(
-        gm, _rules(gm, options), explain=ctx.explain, pass_name=ctx.state.current_pass
-    )
+    sweep = functools.partial(apply_rules, explain=ctx.explain, pass_name=ctx.state.current_pass)
+    count = sweep(gm, [_MODULE_RULE]) if options.fold_batchnorm or options.train_batchnorm else 0
+    count += sweep(gm, _rules(gm, options))
     if count:
         drop_unused(gm)
     return PassResult(gm, modified=count > 0)
@@ -243,7 +335,7 @@ def fuse(
         return fuse_conv_bn_relu(gm, ctx, options=options)
 
     def converged(gm: GraphModule, ctx: CompileContext) -> str | None:
-        left = pending_rewrites(gm, _rules(gm, options))
+        left = pending_rewrites(gm, [_MODULE_RULE, *_rules(gm, options)])
         return f"rules still apply: {left}" if left else None
 
     return Pass(

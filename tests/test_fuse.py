@@ -6,6 +6,7 @@ reference): folding rounds each weight once.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,3 +257,62 @@ def test_batchnorm_subclass_folds_into_its_conv_and_prunes(image):
     assert all(type(m) is BatchNormAct for m in model[1::2])  # the caller's model is untouched
     pruned = fxcomp.compile(model, image, passes=[fxcomp.passes.prune(0.5)]).report
     assert pruned.find("prune").parameters_after < 0.75 * pruned.find("prune").parameters_before
+
+
+class FunctionalNorm(nn.Module):
+    """A convolution followed by ``F.batch_norm`` on tensors the model holds itself."""
+
+    def __init__(self, training: bool = False, computed: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.register_buffer("mean", torch.randn(8))
+        self.register_buffer("var", torch.rand(8) + 0.5)
+        self.gamma = nn.Parameter(torch.randn(8))
+        self.beta = nn.Parameter(torch.randn(8))
+        self.training_stats, self.computed = training, computed
+
+    def forward(self, x):
+        var = self.var + x.mean() if self.computed else self.var  # depends on the input
+        y = F.batch_norm(self.conv(x), self.mean, var, self.gamma, self.beta, self.training_stats)
+        return F.relu(y)
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_functional_batch_norm_on_model_tensors_folds(image, capture):
+    model = FunctionalNorm().eval()
+    result = fxcomp.compile(model, image, passes=[fuse()], capture=capture)
+    gm = result.module
+    assert not [n for n in gm.graph.nodes if n.target is F.batch_norm]
+    assert modules_of(gm, ConvReLU) == ["conv"]  # folded, then grouped with its ReLU
+    # the statistics, gamma and beta went into the convolution: only its tensors are left
+    assert sum(p.numel() for p in gm.parameters()) == 8 * 3 * 9 + 8
+    assert not list(gm.buffers())
+    with torch.no_grad():
+        assert relative_error(gm(image), model(image)) < TOLERANCE
+    assert model.gamma.shape == (8,) and model.mean.shape == (8,)  # the caller's model
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"training": True}, "training=True: its statistics change with every batch"),
+        ({"computed": True}, "batch_norm's running_var is computed in the graph ('add')"),
+    ],
+)
+def test_functional_batch_norm_that_cannot_fold_says_why(image, options, reason):
+    model = FunctionalNorm(**options).eval()
+    result = run_fuse(model, image)
+    assert len(result.module.graph.find_nodes(op="call_function", target=F.batch_norm)) == 1
+    notes = [n for n in result.report.notes if n.rule == "batchnorm_module"]
+    assert len(notes) == 1 and reason in notes[0].reason, notes
+    assert notes[0].source.endswith("self.training_stats)`")
+    with torch.no_grad():
+        assert relative_error(result.module(image), model(image)) < TOLERANCE
+
+
+def test_batch_norm_before_its_convolution_is_named(image):
+    model = randomize_batchnorm(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3))).eval()
+    result = run_fuse(model, image)
+    notes = [n for n in result.report.notes if n.rule == "fold_batchnorm"]
+    assert [n.node for n in notes] == ["_0"]
+    assert "input comes from 'input_1' (input)" in notes[0].reason and "not a Conv2d" in notes[0].reason

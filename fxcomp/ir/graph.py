@@ -96,7 +96,7 @@ def replace_module(gm: GraphModule, qualified_name: str, new: nn.Module) -> None
 
 
 def drop_unused(gm: GraphModule) -> None:
-    """Delete the submodules ``gm``'s graph neither calls nor reads, and turn each module kept
+    """Delete the submodules and tensors ``gm``'s graph neither calls nor reads, and turn each module kept
     only to hold others (a BatchNorm folded into its convolution whose activation child is
     still called) into a plain ``nn.Module`` with those children: no dead tensor stays.
 
@@ -104,8 +104,14 @@ def drop_unused(gm: GraphModule) -> None:
 
         drop_unused(gm)   # after a pass erased the nodes that called some layers
     """
+    for node in reversed(gm.graph.find_nodes(op="get_attr")):
+        if not node.users:
+            gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
     used = {str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for attr in [*gm._parameters, *gm._buffers]:
+        if attr not in used:
+            delattr(gm, attr)  # the graph is the root's forward: a tensor it does not read is dead
     for name, module in list(gm.named_modules()):
         parts = name.split(".")
         if not name or any(".".join(parts[:i]) in used for i in range(1, len(parts) + 1)):
