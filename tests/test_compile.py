@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fxcomp
-from fxcomp import BackendError, Pass, PassError
-from fxcomp.passes import cse, dce, fuse
+from fxcomp import BackendError, InputError, Pass, PassError
+from fxcomp.passes import cse, dce, fuse, quantize
 
 
 def snapshot(model):
@@ -166,3 +166,24 @@ def test_quant_config_is_checked_when_built():
         fxcomp.QuantConfig(skip="fc")
     assert fxcomp.QuantConfig("tensorrt").target.backends == ("onnx",)
     assert not fxcomp.QuantConfig("ort").target.kernels
+
+
+def test_compile_works_under_inference_mode(residual_net, image):
+    calibration = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    passes = [fuse(), quantize(calibration, progress=False)]
+    expected = fxcomp.compile(residual_net, image, passes).module(image)
+    with torch.inference_mode():
+        x = image.clone()  # an inference tensor, as every input made under the mode is
+        result = fxcomp.compile(residual_net, x, passes)
+        assert torch.is_inference_mode_enabled()  # the caller's mode is back
+        assert torch.equal(result.module(x), expected)
+
+
+def test_analyze_uses_the_quantizing_pass_data(residual_net, image):
+    calibration = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    passes = [fuse(), quantize(calibration, progress=False)]
+    result = fxcomp.compile(residual_net, image, passes, analyze=True)
+    layers = [row["layer"] for row in result.report.tables["analysis"]]
+    assert sorted(layers) == ["conv", "fc", "out", "stem"]
+    with pytest.raises(InputError, match="analyze needs calibration data, and no quantizing"):
+        fxcomp.compile(residual_net, image, [fuse()], analyze=True)

@@ -1,10 +1,13 @@
 """The compile report as HTML: a resnet18 compile with the per-layer analysis and latency,
 opened in headless Chromium (the system's, /usr/bin/chromium, driven by Playwright): every
-section and picture present, no console errors, a screenshot saved."""
+section and picture present, no console errors, a screenshot saved. Without Chromium that
+test is skipped, saying so, except under CI (``CI`` set, as ``.ci/run`` does), where it
+fails."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -64,7 +67,11 @@ def test_report_opens_in_headless_chromium(compiled, tmp_path):
     from playwright.sync_api import sync_playwright
 
     _, out = compiled
-    assert CHROMIUM.exists(), "install the system's chromium (.ci/run does)"
+    if not CHROMIUM.exists():
+        missing = f"no browser at {CHROMIUM}: install the system's chromium to render the report"
+        if os.environ.get("CI"):
+            pytest.fail(f"{missing} (.ci/run does)")
+        pytest.skip(missing)
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)

@@ -35,7 +35,7 @@ from fxcomp.ir.trace import LeafSpec
 from fxcomp.pipeline.context import CompileConfig, CompileContext, Hook
 from fxcomp.pipeline.pass_manager import PassManager
 from fxcomp.pipeline.report import PassRecord, Report
-from fxcomp.quant.config import QuantConfig, declared_config
+from fxcomp.quant.config import QuantConfig, declared_calibration_data, declared_config
 from fxcomp.reporting.files import write_report
 from fxcomp.reporting.html import artifact_figure
 from fxcomp.runtime.distributed import is_main_process
@@ -53,6 +53,7 @@ class CompileResult:
     report: Report
 
 
+@torch.inference_mode(False)  # passes track tensor versions; inference tensors have none
 def compile(
     model: nn.Module,
     example_inputs: Any,
@@ -73,7 +74,8 @@ def compile(
 ) -> CompileResult:
     """Capture a deep copy of ``model``, run ``passes`` in order, and report each step.
 
-    The caller's model is never changed. ``example_inputs`` is a tensor, a tuple, or a dict
+    The caller's model is never changed. It may be called under ``torch.inference_mode()``:
+    its own work runs outside it. ``example_inputs`` is a tensor, a tuple, or a dict
     of keyword inputs; ``capture`` is ``"auto"`` (symbolic tracing, or ``torch.export``
     where that fails), ``"symbolic"`` or ``"export"`` (``fxcomp.ir.capture``, which also
     says what ``dynamic_shapes``, ``leaf_modules`` and ``concrete_args`` do); the report's
@@ -84,7 +86,7 @@ def compile(
     ``torchrun`` every rank runs the passes (training passes share the work) and rank 0
     alone emits and writes; the other ranks return the compiled module with
     ``artifact=None``. ``analyze`` adds the per-layer quantization analysis (on
-    ``calibration_data``, for the passes' quantization config) to the report:
+    ``calibration_data``, or else the batches the quantizing pass carries, for the passes' quantization config) to the report:
     ``tables["analysis"]`` and the ``layer_sqnr`` and ``weight_histograms`` figures.
     ``latency_rounds`` times the artifact against the float model, interleaved, and records
     the medians. ``backend_options`` go to the backend (``onnx``: ``opset``,
@@ -98,8 +100,11 @@ def compile(
     manager = PassManager(passes)
     target = _check_request(manager, backend, output_dir, backend_options)
     if analyze and calibration_data is None:
+        calibration_data = declared_calibration_data(manager.passes)
+    if analyze and calibration_data is None:
         raise InputError(
-            "analyze needs calibration_data", hint="compile(..., calibration_data=batches)"
+            "analyze needs calibration data, and no quantizing pass carries any",
+            hint="compile(..., calibration_data=batches) or quantize(batches)",
         )
     start = time.perf_counter()
     captured = _capture(

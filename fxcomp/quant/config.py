@@ -26,7 +26,13 @@ from fxcomp.quant.observers import OBSERVERS
 from fxcomp.quant.ops import SkipSpec
 from fxcomp.quant.scheme import ENGINES, Engine, QScheme, scheme_for
 
-__all__ = ["FLOAT_LAYERS", "QUANT_CONFIG", "QuantConfig", "declared_config"]
+__all__ = [
+    "FLOAT_LAYERS",
+    "QUANT_CONFIG",
+    "QuantConfig",
+    "declared_calibration_data",
+    "declared_config",
+]
 
 
 @dataclass(frozen=True)
@@ -98,13 +104,10 @@ def declared_config(passes: Iterable[Any]) -> QuantConfig | None:
         declared_config([fuse(), quantize(data, engine="qnnpack")]).engine   # "qnnpack"
     """
     found: dict[QuantConfig, str] = {}
-    stack = list(passes)
-    while stack:
-        p = stack.pop()
+    for p in _nested(passes):
         config = getattr(getattr(p, "options", None), "config", None)
         if isinstance(config, QuantConfig):
             found.setdefault(config, getattr(p, "name", "?"))
-        stack.extend(getattr(p, "children", ()))
     if len(found) > 1:
         (a, first), (b, second) = list(found.items())[:2]
         raise InputError(
@@ -113,3 +116,28 @@ def declared_config(passes: Iterable[Any]) -> QuantConfig | None:
             hint="give every quantizing pass the same engine and options",
         )
     return next(iter(found), None)
+
+
+def declared_calibration_data(passes: Iterable[Any]) -> Iterable[Any] | None:
+    """The calibration batches the first quantizing pass among ``passes`` (nested) carries,
+    or None.
+
+    Example::
+
+        declared_calibration_data([fuse(), quantize(batches)]) is batches   # True
+    """
+    for p in _nested(passes):
+        options = getattr(p, "options", None)
+        data = getattr(options, "calibration_data", None)
+        if isinstance(getattr(options, "config", None), QuantConfig) and data is not None:
+            return data
+    return None
+
+
+def _nested(passes: Iterable[Any]) -> list[Any]:
+    """``passes`` and the passes inside each ``Pipeline``, in order."""
+    found = []
+    for p in passes:
+        found.append(p)
+        found.extend(_nested(getattr(p, "children", ())))
+    return found
