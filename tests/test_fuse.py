@@ -315,4 +315,5 @@ def test_batch_norm_before_its_convolution_is_named(image):
     result = run_fuse(model, image)
     notes = [n for n in result.report.notes if n.rule == "fold_batchnorm"]
     assert [n.node for n in notes] == ["_0"]
-    assert "input comes from 'input_1' (input)" in notes[0].reason and "not a Conv2d" in notes[0].reason
+    reason = notes[0].reason
+    assert "input comes from 'input_1' (input)" in reason and "not a Conv2d" in reason

@@ -86,8 +86,9 @@ def compile(
     ``torchrun`` every rank runs the passes (training passes share the work) and rank 0
     alone emits and writes; the other ranks return the compiled module with
     ``artifact=None``. ``analyze`` adds the per-layer quantization analysis (on
-    ``calibration_data``, or else the batches the quantizing pass carries, for the passes' quantization config) to the report:
-    ``tables["analysis"]`` and the ``layer_sqnr`` and ``weight_histograms`` figures.
+    ``calibration_data``, or else the batches the quantizing pass carries, for the passes'
+    quantization config) to the report: ``tables["analysis"]`` and the ``layer_sqnr`` and
+    ``weight_histograms`` figures.
     ``latency_rounds`` times the artifact against the float model, interleaved, and records
     the medians. ``backend_options`` go to the backend (``onnx``: ``opset``,
     ``dynamic_batch``, ``fp16_weights``; ``mobile``: ``mean``, ``std``, ``labels``).

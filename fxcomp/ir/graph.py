@@ -96,9 +96,10 @@ def replace_module(gm: GraphModule, qualified_name: str, new: nn.Module) -> None
 
 
 def drop_unused(gm: GraphModule) -> None:
-    """Delete the submodules and tensors ``gm``'s graph neither calls nor reads, and turn each module kept
-    only to hold others (a BatchNorm folded into its convolution whose activation child is
-    still called) into a plain ``nn.Module`` with those children: no dead tensor stays.
+    """Delete the submodules and tensors ``gm``'s graph neither calls nor reads, and turn each
+    module kept only to hold others (a BatchNorm folded into its convolution whose activation
+    child is still called) into a plain ``nn.Module`` with those children: no dead tensor
+    stays.
 
     Example::
 
