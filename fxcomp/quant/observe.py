@@ -11,18 +11,24 @@ kernel's fixed grid directly. Ops that keep their input's grid (pooling, ReLU, r
 stay quantized when their input is, and add nothing; on engines whose runtimes give
 average pooling its own output grid (``ort``) it is observed as an own-grid op,
 ``pooled``. Fused units from ``fuse`` are single nodes, so no observer sits between a conv
-and its ReLU.
+and its ReLU. On engines whose runtime fuses a convolution into the residual add it feeds
+(``tensorrt``), a convolution whose only user is an add keeps a float output: only the add's
+other input is quantized, the placement TensorRT's guide gives for Conv + Add (+ ReLU) to
+run as one INT8 kernel (``_residual_convs``).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.meta import MADE_BY
+from fxcomp.nn.fused import add_relu
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import FLOAT_LAYERS, QUANT_CONFIG, QuantConfig
@@ -35,6 +41,8 @@ __all__ = ["ObserveOptions", "insert_observers"]
 _OWN_GRID = ("weighted", "binary", "cat", "hardswish", "fixed", "pooled")
 # Quantized sigmoid/hardsigmoid kernels output this grid on uint8 engines.
 _FIXED_UINT8 = (torch.tensor(1.0 / 256), torch.tensor(0))
+_ADDS = (operator.add, torch.add, add_relu)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,32 @@ def _insert_after(gm: GraphModule, node: Node, name: str, module: torch.nn.Modul
     return new
 
 
+def _residual_convs(gm: GraphModule, skip: tuple, only: frozenset[str] | None) -> set[Node]:
+    """For each quantized add of two tensors, the first of its inputs that is a plain
+    convolution (no ReLU grouped in) read by nothing else: the one the runtime fuses the add
+    into."""
+    found = set()
+    for add in gm.graph.nodes:
+        if add.op != "call_function" or add.target not in _ADDS:
+            continue
+        if kind_of(gm, add, skip) == "float" or (only is not None and add.name not in only):
+            continue
+        conv = next(
+            (
+                value
+                for value in tensor_inputs(add)
+                if value.op == "call_module"
+                and type(gm.get_submodule(str(value.target))) in _CONVS
+                and kind_of(gm, value, skip) == "weighted"
+                and len(value.users) == 1
+            ),
+            None,
+        )
+        if conv is not None and len(set(tensor_inputs(add))) == 2:
+            found.add(conv)
+    return found
+
+
 def insert_observers(
     gm: GraphModule, ctx: CompileContext, *, options: ObserveOptions = ObserveOptions()
 ) -> PassResult:
@@ -78,6 +112,8 @@ def insert_observers(
     # Observers from an earlier run already make their edges quantized.
     quantized = {n for n in gm.graph.nodes if n.meta.get(QUANT_KIND) == "observer"}
     observed: dict[Node, Node] = {}
+    fused = qdq and config.target.fuses_residual_add
+    residual = _residual_convs(gm, skip, options.only_nodes) if fused else set()
 
     def ensure_observed(value: Node) -> Node:
         if value in quantized:
@@ -104,6 +140,8 @@ def insert_observers(
             observed[node] = users[0]  # already observed
         elif kind in _OWN_GRID:
             for value in inputs:
+                if value in residual:
+                    continue  # fused with this add: its output stays float
                 before = len(observed)
                 node.replace_input_with(value, ensure_observed(value))
                 added += len(observed) - before
@@ -113,6 +151,8 @@ def insert_observers(
                 node = users[0]
                 node.meta[QUANT_KIND] = "shared"
                 quantized.add(node)
+            if node in residual:
+                continue
             if kind == "fixed" and activation.dtype == torch.quint8:
                 out = _insert_after(
                     gm, node, f"{node.name}_fixed", QuantDequant(*_FIXED_UINT8, activation), ctx

@@ -105,6 +105,9 @@ class Engine:
     # QLinearAveragePool/QLinearGlobalAveragePool take an output scale of their own) instead
     # of rounding again on their input's.
     pools_on_own_grid: bool = False
+    # Whether the runtime fuses a convolution with the residual add it feeds (TensorRT:
+    # Conv + Add (+ ReLU) as one INT8 kernel), which a Q/DQ pair between them would block.
+    fuses_residual_add: bool = False
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -119,7 +122,9 @@ ENGINES: dict[str, Engine] = {
     "x86": Engine("x86", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
     "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
     "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW, True, _MOBILE),
-    "tensorrt": Engine("tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW, False, _ONNX),
+    "tensorrt": Engine(
+        "tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW, False, _ONNX, fuses_residual_add=True
+    ),
     "ort": Engine(
         "ort", _UINT8, _WEIGHT_NARROW, False, _ONNX, narrows_weights=True, pools_on_own_grid=True
     ),

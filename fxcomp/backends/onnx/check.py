@@ -23,14 +23,22 @@ axis                 both        a per-channel weight quantized along another ax
 unquantized-input    both        a Conv/Gemm/MatMul with a weight (a constant input 1) and Q/DQ
                                  on only one of its two inputs
 add-one-side         both        an Add of two activations with Q/DQ on only one of them
+                                 (for tensorrt, unless the other is a Conv's output that
+                                 only the Add reads: the residual fusion below)
 qdq-inside-fusion    tensorrt    Conv -> Q -> DQ -> Relu/BatchNormalization: blocks fusion
+residual-split       tensorrt    Conv -> Q -> DQ -> Add with the Add's other input
+                                 dequantized: the pair keeps TensorRT from fusing the Add
+                                 into the Conv (its developer guide's Q/DQ placement for
+                                 residual adds quantizes only the other input)
 unfolded-bn          tensorrt    a BatchNormalization left in a quantized graph
 ===================  ==========  ==========================================================
 
 The INT8 prediction is structural, a heuristic rather than a build of the engine: integer
 ops (``MatMulInteger``, ``ConvInteger``: dynamic quantization) are INT8 as written; a
 Conv/Gemm/MatMul runs in INT8 when its activation (input 0) and weight (input 1) both come
-from DequantizeLinear, and an Add when both its inputs do. "Come from" allows ops that the
+from DequantizeLinear, and an Add when both its inputs do (for ``tensorrt``, also when one
+is a Conv's output it alone reads and the other is dequantized: fused into the Conv).
+"Come from" allows ops that the
 target moves a DequantizeLinear past, as they commute with quantization: MaxPool, Reshape,
 Transpose, Squeeze, Unsqueeze, Slice, and for ``tensorrt`` also Flatten and Identity (ONNX
 Runtime's propagation skips Flatten, and needs the DequantizeLinear to have a single
@@ -143,6 +151,10 @@ _INTEGER = ("MatMulInteger", "ConvInteger")  # integer ops: INT8 as written
 def _predict(g: QdqGraph, node: onnx.NodeProto) -> Prediction:
     if node.op_type in _INTEGER:
         return Prediction(node_name(node), node.op_type, True, "an integer op")
+    conv = g.residual_conv(node)
+    if conv is not None:
+        reason = f"fused into Conv {node_name(conv)} as its residual (other input dequantized)"
+        return Prediction(node_name(node), node.op_type, True, reason)
     inputs = "activation and weight" if node.op_type in COMPUTE else "both inputs"
     missing = [i for i in (0, 1) if g.dq_into(node, i) is None]
     if missing:

@@ -113,6 +113,19 @@ class QdqGraph:
         single = len(self.consumers.get(source.output[0], [])) == 1
         return source if not moved or self.target != "ort" or single else None
 
+    def residual_conv(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """For ``tensorrt``, the Conv that an Add reads directly (no Q/DQ between) as its only
+        consumer while its other input comes through DequantizeLinear: TensorRT fuses the
+        two into one INT8 kernel, the Add as the Conv's residual input."""
+        if self.target != "tensorrt" or node.op_type != "Add" or len(node.input) != 2:
+            return None
+        for index in (0, 1):
+            conv = self.producer.get(node.input[index])
+            single = len(self.consumers.get(node.input[index], [])) == 1
+            if conv is not None and conv.op_type == "Conv" and single:
+                return conv if self.dq_into(node, 1 - index) is not None else None
+        return None
+
     def blocked_by(self, name: str) -> str | None:
         """The op type of the producer of ``name`` when it is fed by a DequantizeLinear but is
         not an op the target moves DequantizeLinear past (Flatten for ONNX Runtime)."""

@@ -159,7 +159,7 @@ def _add_one_side(g: QdqGraph) -> Iterator[Violation]:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
         kinds = [_operand_kind(g, node, i) for i in (0, 1)]
-        if sorted(kinds) == ["dq", "float"]:
+        if sorted(kinds) == ["dq", "float"] and g.residual_conv(node) is None:
             said = "only one input of this Add comes through DequantizeLinear;"
             missing = node.input[kinds.index("float")]
             runs = "the add runs in float and a residual cannot fuse"
@@ -207,6 +207,33 @@ def _qdq_inside_fusion(g: QdqGraph) -> Iterator[Violation]:
                     )
 
 
+def _residual_split(g: QdqGraph) -> Iterator[Violation]:
+    for add in g.nodes:
+        if add.op_type != "Add" or len(add.input) != 2 or g.residual_conv(add) is not None:
+            continue
+        for index in (0, 1):
+            dq = g.producer.get(add.input[index])
+            q = g.producer.get(dq.input[0]) if dq is not None and dq.op_type in QDQ else None
+            conv = g.producer.get(q.input[0]) if q is not None and q.op_type in QDQ else None
+            single = all(
+                len(g.consumers.get(t, [])) == 1
+                for t in (add.input[index], *(n.output[0] for n in (q, conv) if n is not None))
+            )
+            if conv is None or conv.op_type != "Conv" or not single:
+                continue
+            if g.dq_into(add, 1 - index) is None:
+                continue
+            yield Violation(
+                "residual-split",
+                node_name(q),
+                f"a Q/DQ pair between Conv {node_name(conv)} and the residual Add "
+                f"{node_name(add)} keeps TensorRT from fusing the Add into the Conv: leave "
+                "the Conv's output unquantized and quantize only the Add's other input "
+                "(fxcomp's tensorrt engine does)",
+            )
+            break
+
+
 def _unfolded_bn(g: QdqGraph) -> Iterator[Violation]:
     for node in g.nodes:
         if g.quantized and node.op_type == "BatchNormalization":
@@ -238,5 +265,6 @@ RULES = (
     Rule("unquantized-input", TARGETS, _unquantized_input),
     Rule("add-one-side", TARGETS, _add_one_side),
     Rule("qdq-inside-fusion", ("tensorrt",), _qdq_inside_fusion),
+    Rule("residual-split", ("tensorrt",), _residual_split),
     Rule("unfolded-bn", ("tensorrt",), _unfolded_bn),
 )
