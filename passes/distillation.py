@@ -9,7 +9,8 @@
 (``fxcomp.runtime.distillation``). A student layer that ``prune`` shrank is compared with the
 teacher's kept channels (the graph slot ``KEPT_CHANNELS``). The teacher is traced on a deep
 copy: the model given is never changed. Progress shows loss and throughput; Adam at ``lr``
-decays on a cosine over the whole run (unless an ``optimizer`` is given);
+decays on a cosine over the whole run (unless an ``optimizer`` is given); without an ``lr``,
+a range test of 60 steps finds it (``fxcomp.runtime.lr_range``);
 ``callback(epoch, student, figures)`` runs after each epoch; with ``validation`` data the
 student's best epoch by ``metric`` (top-1 accuracy by default) is kept.
 
@@ -65,7 +66,7 @@ def distill(
     data: Iterable[Any],
     *,
     epochs: int = 3,
-    lr: float = 1e-3,
+    lr: float | None = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
     features: Mapping[str, str] | None = None,
@@ -76,8 +77,9 @@ def distill(
     """Distil ``teacher`` into the graph on ``data`` for ``epochs`` (module docstring).
 
     ``loss`` is the hard-label loss (cross-entropy); ``features`` maps student node names to
-    teacher node names. The loop's keywords (``LoopOptions``): ``optimizer`` makes the
-    optimizer from a parameter list (Adam at ``lr`` by default); ``validation`` data and
+    teacher node names. ``lr=None`` (the default) finds Adam's learning rate by a short range
+    test. The loop's keywords (``LoopOptions``): ``optimizer`` makes the optimizer from a
+    parameter list (Adam at ``lr`` by default); ``validation`` data and
     ``metric`` keep the best epoch; ``callback(epoch, gm, figures)``; ``seed``;
     ``progress``.
 

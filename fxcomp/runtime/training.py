@@ -4,8 +4,10 @@ share.
 ``fit(objective, model, data, training, desc=...)`` trains for ``training.epochs``:
 ``objective(inputs, label)`` returns one batch's loss terms, of which ``"loss"`` is
 minimised. Adam at ``lr`` decays on a cosine over the whole run unless an ``optimizer`` is
-given; a progress bar shows the loss and throughput; ``before_epoch(epoch)`` runs at the
-start of each epoch, after the model is put in training mode, and ``callback(epoch, model,
+given (``lr=None``: the learning rate a short range test finds,
+``fxcomp.runtime.lr_range``); each epoch's figures include the learning rate it started at;
+a progress bar shows the loss and throughput; ``before_epoch(epoch)`` runs at the start of
+each epoch, after the model is put in training mode, and ``callback(epoch, model,
 figures)`` after it; with ``validation`` data, the best epoch of ``model`` by ``metric``
 (top-1 accuracy by default) is kept. Training is seeded by ``seed`` without touching the
 caller's random state.
@@ -38,6 +40,7 @@ from tqdm import tqdm
 
 from fxcomp.ir.errors import InputError
 from fxcomp.runtime.distributed import average_buffers, is_main_process, shard, world
+from fxcomp.runtime.lr_range import find_lr
 
 __all__ = [
     "Callback",
@@ -155,12 +158,13 @@ class LoopOptions(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """How a training-time pass trains (module docstring): epochs, Adam's ``lr`` (or an
-    ``optimizer`` made from the parameter list), the ``validation`` data and ``metric`` that
-    pick the best epoch, a ``callback`` after each epoch, the seed, a progress bar."""
+    """How a training-time pass trains (module docstring): epochs, Adam's ``lr`` (None: found
+    by a range test) or an ``optimizer`` made from the parameter list, the ``validation`` data
+    and ``metric`` that pick the best epoch, a ``callback`` after each epoch, the seed, a
+    progress bar."""
 
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float | None = 1e-3
     optimizer: OptimizerFactory | None = None
     validation: Iterable[Any] | None = None
     metric: Metric = top1_accuracy
@@ -169,7 +173,7 @@ class TrainOptions:
     progress: bool = True
 
     @classmethod
-    def of(cls, what: str, epochs: int, lr: float, loop: LoopOptions) -> TrainOptions:
+    def of(cls, what: str, epochs: int, lr: float | None, loop: LoopOptions) -> TrainOptions:
         """The options of pass ``what`` from its ``epochs``, ``lr`` and loop keywords;
         ``InputError`` for a keyword that is not one.
 
@@ -189,8 +193,8 @@ class TrainOptions:
         """Raise ``InputError`` naming the option of pass ``what`` that is not usable."""
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise InputError(f"{what} epochs must be a positive integer, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise InputError(f"{what} lr must be positive, got {self.lr}")
+        if self.lr is not None and not self.lr > 0:
+            raise InputError(f"{what} lr must be positive (or None, to find it), got {self.lr}")
 
 
 def _sized(data: Iterable[Any]) -> int | None:
@@ -221,8 +225,17 @@ def fit(
         step = objective  # buffers are averaged once per epoch, not synced at every forward
         if size > 1:
             step = DistributedDataParallel(objective, forward_sync_buffers=False)
-        optimizer = training.optimizer
-        opt = optimizer(params) if optimizer else torch.optim.Adam(params, training.lr)
+        optimizer, lr = training.optimizer, training.lr
+        if optimizer is None and lr is None:
+
+            def loss_of(batch: Any) -> torch.Tensor:
+                return objective(*split_labeled(batch, inputs, 0, "training"))["loss"]
+
+            model.train()
+            objective.train()
+            lr = find_lr(objective, params, loss_of, shard(data, epoch=0, seed=seed)).chosen
+            log.info("%s: learning rate %.3g from a range test", desc, lr)
+        opt = optimizer(params) if optimizer else torch.optim.Adam(params, lr)
         per_epoch = _sized(shard(data, epoch=0, seed=seed))
         schedule = None
         if optimizer is None and per_epoch:
@@ -236,7 +249,9 @@ def fit(
             objective.train()
             if before_epoch is not None:  # after train(): it may put modules back in eval
                 before_epoch(epoch)
+            started_at = opt.param_groups[0]["lr"]
             figures = _epoch(step, opt, schedule, shard(data, epoch=epoch, seed=seed), inputs, bar)
+            figures["lr"] = started_at
             average_buffers(model)
             model.eval()
             if validation is not None:
