@@ -109,6 +109,7 @@ def main() -> None:
         for name, passes in named.items():
             models[f"{name} (TorchScript)"] = fxcomp_artifact(model, x, passes)
         models["torch.ao (TorchScript)"] = frozen(theirs, x)
+        models["fxcomp (TorchScript, A/A)"] = models["fxcomp (TorchScript)"]  # the noise floor
         ms = median_latency(models, inputs, args.rounds)
         with torch.no_grad():
             reference = model(data.test_x)

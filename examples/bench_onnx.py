@@ -31,10 +31,13 @@ Measured per model:
   every session comes from ``fxcomp.backends.onnx.backend.load`` (CPU execution provider,
   ``session.intra_op.allow_spinning`` = "0", so the four sessions in one process do not
   steal each other's cores; ``--threads`` sets ``intra_op_num_threads``), each is warmed up
-  ``--warmup`` times at that batch size, then the four are timed round-robin for
-  ``--repeats`` rounds (the order rotated every round, so none always follows the float
-  model's cache-flushing run); the table gives medians, the speed-up of each over float and
-  each fxcomp file's latency as a ratio of quantize_static's (lower is better);
+  ``--warmup`` times at that batch size, then the four are timed interleaved for
+  ``--repeats`` rounds by ``fxcomp.runtime.latency.median_latency``, going through every
+  order of them in turn (none always runs right after the float model's cache-flushing
+  run); no PyTorch work runs beside the sessions' threads while they are timed. The table
+  gives medians, the speed-up of each over float, each fxcomp file's latency as a ratio of
+  quantize_static's (lower is better), and an A/A ratio (the fxcomp session timed under a
+  second name against itself: the noise floor of every ratio in its row);
 * SQNR in dB of each quantized file's output against the float file's output on the
   held-out batches (``fxcomp.runtime.parity.sqnr``);
 * file sizes, and the operator counts of each file after ONNX Runtime's graph optimization
@@ -50,9 +53,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
+import functools
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -76,6 +78,7 @@ import fxcomp
 from fxcomp.backends.onnx import backend as onnx_model
 from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.quant.scheme import int8_dot_saturates
+from fxcomp.runtime.latency import median_latency
 from fxcomp.runtime.parity import sqnr
 
 KINDS = ("float", "quantize_static", "fxcomp", "fxcomp_bc")
@@ -160,20 +163,16 @@ def optimized_ops(path: Path, threads: int | None) -> dict[str, int]:
 def latency_ms(
     sessions: dict[str, ort.InferenceSession], x: torch.Tensor, repeats: int, warmup: int
 ) -> dict[str, float]:
-    """Median ms per ``session.run`` at ``x``'s batch size, the sessions timed round-robin,
-    the order rotated every round (none always runs right after the float model)."""
+    """Median ms per ``session.run`` at ``x``'s batch size, with ``fxcomp (A/A)``: the
+    sessions interleaved, every order in turn (``median_latency``)."""
     feeds = {"input": x.numpy()}
     for session in sessions.values():
         for _ in range(warmup):
             session.run(None, feeds)
-    times: dict[str, list[float]] = {key: [] for key in sessions}
-    keys = list(sessions)
-    for i in range(repeats):
-        for key in keys[i % len(keys) :] + keys[: i % len(keys)]:  # each goes first in turn
-            start = time.perf_counter()
-            sessions[key].run(None, feeds)
-            times[key].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(values) for key, values in times.items()}
+    runs = {key: functools.partial(session.run, None) for key, session in sessions.items()}
+    runs["fxcomp (A/A)"] = runs["fxcomp"]
+    ms = median_latency(runs, [(feeds,)], repeats)
+    return {key: values[0] for key, values in ms.items()}
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
@@ -215,6 +214,7 @@ def latency_rows(r: dict) -> list[list[object]]:
                 *(f"{ms[k]:.2f}" for k in KINDS),
                 *(f"{ms['float'] / ms[k]:.2f}x" for k in QUANTIZED),
                 *(f"{ms[k] / ms['quantize_static']:.3f}" for k in OURS),
+                f"{ms['fxcomp (A/A)'] / ms['fxcomp']:.3f}",
                 *(f"{r['sqnr_db'][k]:.2f}" for k in QUANTIZED),
             ]
         )
@@ -253,6 +253,7 @@ def tables_of(results: list[dict]) -> list[tuple[list[list[object]], list[str]]]
                 *(f"{k} ms" for k in KINDS),
                 *(f"{k} speed-up" for k in QUANTIZED),
                 *(f"{k} / quantize_static" for k in OURS),
+                "A/A",
                 f"quantize_static ({method}) SQNR dB",
                 *(f"{k} SQNR dB" for k in OURS),
             ],
@@ -273,7 +274,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="torchvision model (repeatable)")
     parser.add_argument("--batch", action="append", type=int, help="batch size (default: 1)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed rounds")
+    parser.add_argument("--repeats", type=int, default=120, help="timed rounds: every order once")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs of each session")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 8")
     parser.add_argument("--seed", type=int, default=1, help="seed of the noise batches")

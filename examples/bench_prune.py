@@ -14,7 +14,8 @@ Measured per model:
 * parameters and MACs of the original and both pruned models, all counted by
   ``tp.utils.count_ops_and_params`` at 1x3x224x224, and the ratio fxcomp / Torch-Pruning;
 * float eager latency at batch 1 and 8 of the three models, timed interleaved (one call of
-  each per round, the order rotated every round, ``--repeats`` rounds after a warm-up round,
+  each per round, every order in turn, ``--repeats`` rounds after a warm-up round, an A/A
+  column (fxcomp's model timed under a second name against itself),
   under ``torch.no_grad``; ``fxcomp.runtime.latency``), medians in ms and the speed-up over the
   original;
 * time to build the dependency graph and to prune, from the same model each time,
@@ -129,10 +130,12 @@ def check_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> dict[str, li
 
 
 def latency_ms(models: dict[str, nn.Module], batch: int, repeats: int) -> dict[str, float]:
-    """Median ms per call of each model at ``batch`` (``fxcomp.runtime.latency``: one warm-up round,
-    then ``repeats`` rounds with the models' order rotated each round)."""
+    """Median ms per call of each model at ``batch``, and of fxcomp's under a second name, the
+    A/A line (``fxcomp.runtime.latency``: one warm-up round, then ``repeats`` rounds going
+    through every order of the models in turn)."""
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    return {key: ms[0] for key, ms in median_latency(models, [(x,)], repeats).items()}
+    timed = {**models, "fxcomp (A/A)": models["fxcomp"]}
+    return {key: ms[0] for key, ms in median_latency(timed, [(x,)], repeats).items()}
 
 
 def measure(name: str, args: argparse.Namespace) -> dict:
@@ -165,7 +168,8 @@ def latency_rows(r: dict) -> list[list[object]]:
     rows = []
     for batch, ms in r["latency_ms"].items():
         speedups = [f"{ms['original'] / ms[k]:.2f}x" for k in TOOLS[1:]]
-        rows.append([r["model"], batch, *(f"{ms[k]:.2f}" for k in TOOLS), *speedups])
+        noise = f"{ms['fxcomp (A/A)'] / ms['fxcomp']:.2f}"
+        rows.append([r["model"], batch, *(f"{ms[k]:.2f}" for k in TOOLS), *speedups, noise])
     return rows
 
 
@@ -201,7 +205,10 @@ def tables_of(results: list[dict]) -> list[tuple[list[list[object]], list[str]]]
         ),
         (
             [row for r in results for row in latency_rows(r)],
-            ["model", "batch", "float ms", "TP ms", "fxcomp ms", "TP speed-up", "fxcomp speed-up"],
+            [
+                *("model", "batch", "float ms", "TP ms", "fxcomp ms"),
+                *("TP speed-up", "fxcomp speed-up", "A/A"),
+            ],
         ),
         (
             [time_row(r) for r in results],
