@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 import fxcomp
 from fxcomp.cli.zoo import TIMM, TRANSFORMERS, timm_model, transformer
 from fxcomp.ir.capture import CAPTURE
+from fxcomp.ir.graph import target_name
 from fxcomp.passes import (
     cast_weights,
     cse,
@@ -94,6 +95,15 @@ def test_a_timm_model_captures_fuses_and_prunes(name):
         expected = model(x)
         fused = fxcomp.compile(model, x, passes=[fuse()])
         assert relative_error(fused.module(x), expected) < 1e-4
+        gm = fused.module
+        named = {n.name: target_name(gm, n).lower().replace("_", "") for n in gm.graph.nodes}
+        left = {name for name, target in named.items() if "batchnorm" in target}
+        explained = {
+            note.node
+            for note in fused.report.notes
+            if note.rule in ("fold_batchnorm", "batchnorm_module")
+        }
+        assert left <= explained, f"batch norms left without a note: {sorted(left - explained)}"
         pruned = fxcomp.compile(model, x, passes=[prune(0.3)])
         assert pruned.module(x).shape == expected.shape
     kept = pruned.report.find("prune")
