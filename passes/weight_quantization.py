@@ -16,7 +16,10 @@ reading the weights. The codes come from one of three methods (``fxcomp.quant.we
   (``input_scale``, one multiply).
 
 The language model's head (the Linear whose output is the graph's output) stays float
-unless ``lm_head=True``; ``skip`` names other layers to leave. ``report.tables
+unless ``lm_head=True``; with ``embeddings=True`` every ``nn.Embedding`` is stored the same
+way (``WeightOnlyEmbedding``: rounded to nearest whatever the method, as a lookup has no
+inputs to weigh its error by, and dequantized row by row when read); ``skip`` names other
+layers to leave. ``report.tables
 ["quantize_weights"]`` gives each layer's method, weight SQNR, bytes and whether a kernel
 or the dequantizing fallback computes it.
 
@@ -40,7 +43,7 @@ from tqdm import tqdm
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import replace_module
 from fxcomp.nn.scaling import rescale_, scale_pairs
-from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyLinear
+from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyEmbedding, WeightOnlyLinear
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
@@ -65,16 +68,32 @@ class WeightOnlyOptions:
     lm_head: bool = False
     act_order: bool = False
     progress: bool = True
+    embeddings: bool = False
+
+
+def _tables(gm: GraphModule, options: WeightOnlyOptions) -> list[str]:
+    """The embedding tables to quantize (``embeddings=True``), by name."""
+    if not options.embeddings:
+        return []
+    return [
+        str(node.target)
+        for node in gm.graph.find_nodes(op="call_module")
+        if type(table := gm.get_submodule(str(node.target))) is nn.Embedding
+        and table.max_norm is None
+        and str(node.target) not in options.skip
+    ]
 
 
 def _layers(gm: GraphModule, options: WeightOnlyOptions) -> list[list[Node]]:
     """The Linear calls to quantize, in groups that read one tensor, in graph order."""
-    names = {name for name, m in gm.named_modules() if isinstance(m, nn.Linear)}
+    kinds = (nn.Linear, nn.Embedding) if options.embeddings else nn.Linear
+    names = {name for name, m in gm.named_modules() if isinstance(m, kinds)}
     unknown = [name for name in options.skip if name not in names]
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
+        what = "a Linear or Embedding layer" if options.embeddings else "a Linear layer"
         raise InputError(
-            f"skip names '{unknown[0]}', which is not a Linear layer",
+            f"skip names '{unknown[0]}', which is not {what}",
             hint=f"did you mean {', '.join(close)}?" if close else "see fxcomp dump MODEL",
         )
     output = next(iter(gm.graph.find_nodes(op="output")))
@@ -88,18 +107,24 @@ def _layers(gm: GraphModule, options: WeightOnlyOptions) -> list[list[Node]]:
     return list(groups.values())
 
 
-def _check(gm: GraphModule, groups: list[list[Node]], options: WeightOnlyOptions) -> None:
-    """Refuse, before any work, a group size that does not divide a layer's input width."""
+def _check(
+    gm: GraphModule, groups: list[list[Node]], tables: list[str], options: WeightOnlyOptions
+) -> None:
+    """Refuse, before any work, a group size that does not divide a layer's input width (an
+    embedding's width)."""
     if options.bits == 8:
         return
-    for node in (n for group in groups for n in group):
-        width = gm.get_submodule(str(node.target)).in_features
+    widths = [
+        (str(n.target), gm.get_submodule(str(n.target)).in_features) for g in groups for n in g
+    ]
+    widths += [(name, gm.get_submodule(name).embedding_dim) for name in tables]
+    for name, width in widths:
         if width % options.group_size:
             fits = [g for g in GROUP_SIZES if width % g == 0]
             raise InputError(
                 f"group size {options.group_size} does not divide the "
-                f"{width} inputs of layer '{node.target}'",
-                hint=f"use group_size={fits[-1]}" if fits else f"skip=['{node.target}']",
+                f"{width} inputs of layer '{name}'",
+                hint=f"use group_size={fits[-1]}" if fits else f"skip=['{name}']",
             )
 
 
@@ -166,8 +191,8 @@ def quantize_layer_weights(
     gm: GraphModule, ctx: CompileContext, *, options: WeightOnlyOptions
 ) -> PassResult:
     """Quantize the weights of ``gm``'s Linear layers (module docstring)."""
-    groups = _layers(gm, options)
-    _check(gm, groups, options)
+    groups, tables = _layers(gm, options), _tables(gm, options)
+    _check(gm, groups, tables, options)
     batches: list[tuple[Any, ...]] = []
     if options.method != "rtn":
         data = options.data if options.data is not None else ctx.config.calibration_data
@@ -211,21 +236,39 @@ def quantize_layer_weights(
                 input_scale=input_scale,
             )
             replace_module(gm, name, new)
-            rows.append(
-                {
-                    "layer": name,
-                    "method": options.method,
-                    "bits": options.bits,
-                    "group": grid.group_size,
-                    "weight_sqnr_db": f"{sqnr(weight, new.dequantized_weight()):.1f}",
-                    "bytes": new.storage_bytes(),
-                    "float32_bytes": 4 * weight.numel(),
-                    "compute": "kernel" if new.kernel else "dequantize",
-                }
-            )
+            compute = "kernel" if new.kernel else "dequantize"
+            rows.append(_row(name, options.method, grid, weight, new, compute))
+    for name in tables:
+        table = gm.get_submodule(name)
+        weight = table.weight.detach().float()
+        grid = WeightGrid(
+            options.bits, weight.shape[1] if options.bits == 8 else options.group_size
+        )
+        codes, scale, minimum = rtn(weight, grid)
+        new = WeightOnlyEmbedding.from_codes(
+            table, codes, scale, minimum, bits=options.bits, group_size=grid.group_size
+        )
+        replace_module(gm, name, new)
+        rows.append(_row(name, "rtn", grid, weight, new, "lookup"))
     if rows:
         ctx.state.report.tables["quantize_weights"] = rows
     return PassResult(gm, modified=bool(rows))
+
+
+def _row(
+    name: str, method: str, grid: WeightGrid, weight: torch.Tensor, new: nn.Module, compute: str
+) -> dict[str, Any]:
+    """The report's row for one quantized layer."""
+    return {
+        "layer": name,
+        "method": method,
+        "bits": grid.bits,
+        "group": grid.group_size,
+        "weight_sqnr_db": f"{sqnr(weight, new.dequantized_weight()):.1f}",
+        "bytes": new.storage_bytes(),
+        "float32_bytes": 4 * weight.numel(),
+        "compute": compute,
+    }
 
 
 def quantize_weights(
@@ -236,6 +279,7 @@ def quantize_weights(
     *,
     skip: Iterable[str] = (),
     lm_head: bool = False,
+    embeddings: bool = False,
     act_order: bool = False,
     progress: bool = True,
 ) -> Pass:
@@ -258,7 +302,7 @@ def quantize_weights(
             f"quantize_weights: unknown method '{method}'", hint=f"use {', '.join(METHODS)}"
         )
     options = WeightOnlyOptions(
-        bits, group_size, method, data, tuple(skip), lm_head, act_order, progress
+        bits, group_size, method, data, tuple(skip), lm_head, act_order, progress, embeddings
     )
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:

@@ -19,7 +19,7 @@ from torch import nn
 import fxcomp
 from fxcomp import InputError, PassError
 from fxcomp.cli.zoo import text_inputs, transformer
-from fxcomp.nn.weight_only import WeightOnlyLinear
+from fxcomp.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
 from fxcomp.passes import quantize_weights
 from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
 from tests.conftest import relative_error
@@ -198,3 +198,70 @@ def test_composes_with_prune(llama):
     assert rows and all(r["compute"] == "kernel" for r in rows)
     with torch.no_grad():
         assert _logits(result.module(inputs["input_ids"])).shape == _logits(model(**inputs)).shape
+
+
+@pytest.mark.parametrize(("bits", "floor_db"), [(8, 40), (4, 15)])
+def test_an_embedding_table_dequantizes_the_rows_it_looks_up(bits, floor_db):
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 64)
+    grid = WeightGrid(bits, 64 if bits == 8 else 32)
+    new = WeightOnlyEmbedding.from_codes(
+        table, *rtn(table.weight.detach(), grid), bits=bits, group_size=grid.group_size
+    )
+    ids = torch.tensor([[3, 7, 3], [49, 0, 12]])
+    looked_up = new(ids)
+    assert looked_up.shape == (2, 3, 64)
+    assert torch.equal(looked_up, new.dequantized_weight()[ids])  # row by row, exactly
+    error = (looked_up - table(ids)).pow(2).mean() / table(ids).pow(2).mean()
+    assert -10 * torch.log10(error) > floor_db
+    assert new.storage_bytes() < table.weight.numel() * 4 * (0.3 if bits == 8 else 0.2)
+
+
+def test_head_and_embeddings_too_generate_and_save(llama, tmp_path):
+    model, inputs, _ = llama
+    step = quantize_weights(bits=4, group_size=32, lm_head=True, embeddings=True, progress=False)
+    result = fxcomp.compile(model, inputs, passes=[step])
+    gm = result.module
+    assert isinstance(gm.get_submodule("model.embed_tokens"), WeightOnlyEmbedding)
+    assert isinstance(gm.get_submodule("lm_head"), WeightOnlyLinear)
+    rows = {r["layer"]: r for r in result.report.tables["quantize_weights"]}
+    assert rows["model.embed_tokens"]["compute"] == "lookup"
+    assert rows["model.embed_tokens"]["bytes"] < rows["model.embed_tokens"]["float32_bytes"] / 5
+    with torch.no_grad():
+        expected = _logits(model(**inputs))
+        assert _cosine(_logits(gm(inputs["input_ids"])), expected) > 0.97
+    small = fxcomp.transplant(model, gm, inputs)
+    ids = inputs["input_ids"][:1, :6]
+    assert small.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 10)
+    path = tmp_path / "llama.fxgraph"
+    fxcomp.save(gm, path)
+    loaded = fxcomp.load(path)
+    assert isinstance(loaded.get_submodule("model.embed_tokens"), WeightOnlyEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _logits(loaded(inputs["input_ids"])), _logits(gm(inputs["input_ids"])), rtol=0, atol=0
+        )
+    with pytest.raises(PassError, match="skip names 'model.embed', which is not a Linear or"):
+        fxcomp.compile(
+            model, inputs, passes=[quantize_weights(embeddings=True, skip=["model.embed"])]
+        )
+
+
+def test_composes_with_distill():
+    """prune, distill, then int8 weights on the digits CNN: the weight-only layers keep the
+    distilled accuracy within half a point."""
+    from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+
+    data = load_digits_split()
+    torch.manual_seed(0)
+    teacher = train(DigitsNet(width=32), data, progress=False)
+    steps = [
+        fxcomp.passes.prune(0.5),
+        fxcomp.passes.distill(teacher, data.batches(32), progress=False),
+    ]
+    distilled = fxcomp.compile(teacher, data.test_x[:2], passes=steps).module
+    steps.append(quantize_weights(bits=8, lm_head=True, progress=False))
+    result = fxcomp.compile(teacher, data.test_x[:2], passes=steps)
+    assert any(isinstance(m, WeightOnlyLinear) for m in result.module.modules())
+    float_accuracy = accuracy(distilled, data.test_x, data.test_y)
+    assert accuracy(result.module, data.test_x, data.test_y) >= float_accuracy - 0.5

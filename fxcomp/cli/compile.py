@@ -45,6 +45,8 @@ _PASS_FLAGS = (
     "group_size",
     "method",
     "skip",
+    "lm_head",
+    "embeddings",
 )
 
 
@@ -96,6 +98,8 @@ _PASS_FLAGS = (
     help="quantize_weights: round to nearest, or GPTQ / AWQ on the calibration data.",
 )
 @click.option("--skip", multiple=True, help="quantize_weights: a Linear layer to leave float.")
+@click.option("--lm-head", is_flag=True, help="quantize_weights: the LM head too.")
+@click.option("--embeddings", is_flag=True, help="quantize_weights: the embedding tables too.")
 @observer_option
 @click.option(
     "--bias-correction",

@@ -1,5 +1,6 @@
 """Linear layers whose weight is stored in 8 or 4 bits and computed with the CPU's
-weight-only kernels: ``WeightOnlyLinear``.
+weight-only kernels: ``WeightOnlyLinear``; and embedding tables stored the same way,
+``WeightOnlyEmbedding``, which dequantize only the rows they look up.
 
 8 bits: int8 codes per output channel, symmetric (``w = q * scale``), computed with
 ``torch._weight_int8pack_mm``. 4 bits: codes 0..15 in groups of ``group_size`` input
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["GROUP_SIZES", "KERNEL_ROWS", "WeightOnlyLinear", "dequantize"]
+__all__ = ["GROUP_SIZES", "KERNEL_ROWS", "WeightOnlyEmbedding", "WeightOnlyLinear", "dequantize"]
 
 aten = torch.ops.aten
 
@@ -49,13 +50,13 @@ def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """The float weight ``codes`` stand for: ``codes * scale (+ minimum)``, with ``scale`` and
-    ``minimum`` given per group of ``group_size`` input channels (out, in / group_size).
+    ``minimum`` given per group of ``group_size`` input channels (..., in / group_size).
 
     Example::
 
         w = dequantize(codes, scale, None, codes.shape[1])   # int8 per output channel
     """
-    expand = lambda t: t.repeat_interleave(group_size, dim=1)  # noqa: E731
+    expand = lambda t: t.repeat_interleave(group_size, dim=-1)  # noqa: E731
     weight = codes.float() * expand(scale)
     return weight if minimum is None else weight + expand(minimum)
 
@@ -201,3 +202,74 @@ class WeightOnlyLinear(nn.Module):
     @staticmethod
     def _pack_loaded(module: Any, _: Any) -> None:
         module._pack()
+
+
+class WeightOnlyEmbedding(nn.Module):
+    """An embedding table in int8 per row (one scale per token) or int4 per group of
+    ``group_size`` columns (scale and minimum), in the portable layout of
+    ``WeightOnlyLinear``; a lookup dequantizes only the rows it reads.
+
+    Example::
+
+        table = WeightOnlyEmbedding.from_codes(nn.Embedding(1000, 64), codes, scale, None, bits=8)
+        vectors = table(torch.tensor([[1, 5, 7]]))   # (1, 3, 64) float32
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, bits: int = 8, group_size: int | None = None
+    ) -> None:
+        super().__init__()
+        group_size = embedding_dim if bits == 8 else group_size
+        if bits not in (4, 8) or group_size is None or embedding_dim % group_size:
+            raise ValueError(f"{bits} bits in groups of {group_size} do not fit {embedding_dim}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size = bits, group_size
+        groups = embedding_dim // group_size
+        stored = (embedding_dim, torch.int8) if bits == 8 else (embedding_dim // 2, torch.uint8)
+        self.register_buffer("weight", torch.zeros(num_embeddings, stored[0], dtype=stored[1]))
+        self.register_buffer("scale", torch.ones(num_embeddings, groups))
+        minimum = torch.zeros(num_embeddings, groups) if bits == 4 else None
+        self.register_buffer("minimum", minimum)
+
+    @classmethod
+    def from_codes(
+        cls,
+        table: nn.Embedding,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int | None = None,
+    ) -> WeightOnlyEmbedding:
+        """The table for ``table``'s shape with the given codes and grid (as ``rtn`` gives)."""
+        new = cls(table.num_embeddings, table.embedding_dim, bits, group_size)
+        with torch.no_grad():
+            new.scale.copy_(scale.reshape(new.scale.shape))
+            if bits == 8:
+                new.weight.copy_(codes)
+            else:
+                new.minimum.copy_(minimum)
+                new.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
+        return new
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The whole float table."""
+        return self(torch.arange(self.num_embeddings))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        codes = self.weight[ids]
+        codes = codes if self.bits == 8 else _nibbles(codes)
+        minimum = None if self.minimum is None else self.minimum[ids]
+        return dequantize(codes, self.scale[ids], minimum, self.group_size)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored codes and their grid."""
+        tensors = [self.weight, self.scale, self.minimum]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, "
+            f"group_size={self.group_size}"
+        )
