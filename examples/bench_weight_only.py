@@ -11,10 +11,12 @@ int4 RTN, GPTQ and AWQ at group sizes 32, 128 and 256, each with its calibration
 Speed: a Llama config of about 200M parameters with random weights, ``generate`` of
 ``--new-tokens`` tokens after a 64-token prompt, greedy, batch 1, with its key/value cache:
 float32, bfloat16, fxcomp int8 and int4 (g128) through ``quantize_weights`` and
-``transplant``, and torchao's ``Int8WeightOnlyConfig`` and its CPU int4 configuration
-(``PrototypeInt4WeightOnlyConfig``, group 128, the same int4 kernel) on the same model as
-the peer. One process, interleaved, the orders of the
-models shuffled round by round, medians, an A/A line (fxcomp int4 under two names).
+``transplant`` (the Linears only; and with ``lm_head=True, embeddings=True``, "all"), on
+the float32 model and on its bfloat16 copy, and torchao's ``Int8WeightOnlyConfig`` and its
+CPU int4 configuration (``PrototypeInt4WeightOnlyConfig``, group 128, the same int4
+kernel; both take every Linear, the head included) on the same two models as the peer.
+One process, interleaved, the orders of the models shuffled round by round, medians, an
+A/A line (fxcomp int4 under two names).
 """
 
 from __future__ import annotations
@@ -60,25 +62,26 @@ def quality_rows() -> list[dict[str, object]]:
             "calibration s": "",
         }
     ]
-    settings = [(8, "rtn", None)] + [
-        (4, m, g) for g in (32, 128, 256) for m in ("rtn", "gptq", "awq")
-    ]
-    for bits, method, group in settings:
+    settings = [(8, "rtn", None, False)]
+    settings += [(4, m, g, False) for g in (32, 128, 256) for m in ("rtn", "gptq", "awq")]
+    settings += [(8, "rtn", None, True), (4, "rtn", 128, True), (4, "gptq", 128, True)]
+    for bits, method, group, everything in settings:
         start = time.perf_counter()
-        result = fxcomp.compile(
-            model,
-            {"input_ids": ids},
-            passes=[
-                quantize_weights(
-                    bits=bits, group_size=group or 128, method=method, data=data, progress=False
-                )
-            ],
+        step = quantize_weights(
+            bits=bits,
+            group_size=group or 128,
+            method=method,
+            data=data,
+            lm_head=everything,
+            embeddings=everything,
+            progress=False,
         )
+        result = fxcomp.compile(model, {"input_ids": ids}, passes=[step])
         seconds = time.perf_counter() - start
         value = perplexity(result.module, corpus.held_out)
         rows.append(
             {
-                "weights": f"int{bits}",
+                "weights": f"int{bits}" + (", head and embeddings too" if everything else ""),
                 "method": method,
                 "group": group or "channel",
                 "perplexity": f"{value:.4f}",
@@ -119,19 +122,29 @@ def speed_models() -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SPEED_CONFIG)).eval()
     example = {"input_ids": torch.randint(0, 32000, (1, 64)), "use_cache": False}
-    models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
-    for bits in (8, 4):
-        result = fxcomp.compile(
-            model, example, passes=[quantize_weights(bits=bits, group_size=128, progress=False)]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    models = {"float32": model, "bfloat16": half}
+
+    def fxcomp_int(base: torch.nn.Module, bits: int, everything: bool) -> torch.nn.Module:
+        step = quantize_weights(
+            bits=bits, group_size=128, lm_head=everything, embeddings=everything, progress=False
         )
-        models[f"fxcomp int{bits}"] = fxcomp.transplant(model, result.module, example)
+        result = fxcomp.compile(base, example, passes=[step])
+        return fxcomp.transplant(base, result.module, example)
+
+    def torchao_int(base: torch.nn.Module, bits: int) -> torch.nn.Module:
+        peer = copy.deepcopy(base)
+        config = Int8WeightOnlyConfig() if bits == 8 else PrototypeInt4WeightOnlyConfig(128)
+        quantize_(peer, config)  # PrototypeInt4WeightOnlyConfig: its CPU int4
+        return peer
+
+    for bits in (8, 4):
+        models[f"fxcomp int{bits}"] = fxcomp_int(model, bits, everything=False)
+        models[f"fxcomp int{bits} all"] = fxcomp_int(model, bits, everything=True)
+        models[f"torchao int{bits}"] = torchao_int(model, bits)
+        models[f"fxcomp int{bits} all, bfloat16"] = fxcomp_int(half, bits, everything=True)
+        models[f"torchao int{bits}, bfloat16"] = torchao_int(half, bits)
     models["fxcomp int4 (A/A)"] = models["fxcomp int4"]
-    torchao_int8 = copy.deepcopy(model)
-    quantize_(torchao_int8, Int8WeightOnlyConfig())
-    models["torchao int8"] = torchao_int8
-    torchao_int4 = copy.deepcopy(model)
-    quantize_(torchao_int4, PrototypeInt4WeightOnlyConfig(group_size=128))  # its CPU int4
-    models["torchao int4"] = torchao_int4
     return models
 
 

@@ -117,20 +117,33 @@ def _single_caller(gm: GraphModule, producer: Node, sharing: _Sharing) -> NoMatc
     return None
 
 
+_TORCH_BATCH_NORM = ("input", "weight", "bias", "running_mean", "running_var", "training")
+_TORCH_BATCH_NORM += ("momentum", "eps", "cudnn_enabled")  # torch.batch_norm's order
+
+
 def _is_functional_batchnorm(gm: GraphModule, node: Node) -> bool:
-    return node.op == "call_function" and node.target is F.batch_norm
+    return node.op == "call_function" and node.target in (F.batch_norm, torch.batch_norm)
+
+
+def _arguments(node: Node) -> dict:
+    """A functional batch norm's arguments by name (``F.batch_norm`` or ``torch.batch_norm``,
+    whose orders differ)."""
+    if node.target is torch.batch_norm:
+        return {**dict(zip(_TORCH_BATCH_NORM, node.args, strict=False)), **node.kwargs}
+    call = normalize_function(
+        F.batch_norm, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True
+    )
+    return call.kwargs if call is not None else {}
 
 
 def _match_functional_batchnorm(gm: GraphModule, node: Node) -> tuple[Node, type, dict] | NoMatch:
     """The call, the BatchNorm class it computes, and its settings and tensors."""
-    call = normalize_function(
-        F.batch_norm, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True
-    )
-    values = call.kwargs if call is not None else {}
+    values = _arguments(node)
     if values.get("training") is not False:
         return NoMatch(
-            f"batch_norm runs with training={values.get('training')!r}: its statistics "
-            "change with every batch; put the model in eval mode first"
+            f"batch_norm normalizes with its input's own statistics (training="
+            f"{values.get('training')!r}: a model in train mode, or a weight standardized "
+            "as in timm's StdConv2d); only running statistics fold"
         )
     tensors = {}
     for name in ("running_mean", "running_var", "weight", "bias"):

@@ -15,6 +15,11 @@ reading the weights. The codes come from one of three methods (``fxcomp.quant.we
   where ``fxcomp.nn.scaling`` finds one; otherwise the layer divides its input itself
   (``input_scale``, one multiply).
 
+With ``bits=4`` and a ``target_sqnr`` (dB of the graph's output against float, on
+``data``), each Linear takes 4 or 8 bits: the layers whose rounding alone hurts the output
+most take 8, as few as keep the output within the target (``fxcomp.quant.weight_bits``);
+``report.tables["weight_bits"]`` ranks them.
+
 The language model's head (the Linear whose output is the graph's output) stays float
 unless ``lm_head=True``; with ``embeddings=True`` every ``nn.Embedding`` is stored the same
 way (``WeightOnlyEmbedding``: rounded to nearest whatever the method, as a lookup has no
@@ -46,6 +51,7 @@ from fxcomp.nn.scaling import rescale_, scale_pairs
 from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyEmbedding, WeightOnlyLinear
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
+from fxcomp.quant.weight_bits import choose_bits
 from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
 from fxcomp.runtime.parity import sqnr
 from fxcomp.runtime.training import split_batch
@@ -54,6 +60,7 @@ __all__ = ["WeightOnlyOptions", "quantize_weights"]
 
 METHODS = ("rtn", "gptq", "awq")
 _AWQ_ROWS = 4096  # the input rows kept per layer group for the AWQ search
+_SEARCH_BATCHES = 8  # the batches target_sqnr measures the layers on
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class WeightOnlyOptions:
     act_order: bool = False
     progress: bool = True
     embeddings: bool = False
+    target_sqnr: float | None = None
 
 
 def _tables(gm: GraphModule, options: WeightOnlyOptions) -> list[str]:
@@ -187,6 +195,33 @@ def _awq(
     return 1 / scale
 
 
+def _bits(
+    gm: GraphModule,
+    ctx: CompileContext,
+    groups: list[list[Node]],
+    batches: list[tuple[Any, ...]],
+    options: WeightOnlyOptions,
+) -> dict[str, int]:
+    """Each layer's bits: ``options.bits``, or with a ``target_sqnr`` those ``choose_bits``
+    picks (its table in the report; a note where the target was out of reach)."""
+    nodes = [node for group in groups for node in group]
+    if options.target_sqnr is None:
+        return {str(node.target): options.bits for node in nodes}
+    names = [str(node.target) for node in nodes]
+    bits, table, reached = choose_bits(
+        gm, names, batches[:_SEARCH_BATCHES], options.target_sqnr, options.group_size
+    )
+    ctx.state.report.tables["weight_bits"] = table
+    if reached < options.target_sqnr:
+        ctx.explain(
+            nodes[0],
+            "target_sqnr",
+            f"every layer at int8 keeps the output at {reached:.1f} dB of float, below the "
+            f"target {options.target_sqnr} dB: all layers take int8",
+        )
+    return bits
+
+
 def quantize_layer_weights(
     gm: GraphModule, ctx: CompileContext, *, options: WeightOnlyOptions
 ) -> PassResult:
@@ -194,15 +229,17 @@ def quantize_layer_weights(
     groups, tables = _layers(gm, options), _tables(gm, options)
     _check(gm, groups, tables, options)
     batches: list[tuple[Any, ...]] = []
-    if options.method != "rtn":
+    if options.method != "rtn" or options.target_sqnr is not None:
         data = options.data if options.data is not None else ctx.config.calibration_data
         if data is None:
+            needs = "target_sqnr" if options.method == "rtn" else f"method '{options.method}'"
             raise InputError(
-                f"method '{options.method}' needs data to measure the layers' inputs on",
+                f"{needs} needs data to measure the layers on",
                 hint="pass data=batches (or calibration_data= to compile), or method='rtn'",
             )
         count = len(gm.graph.find_nodes(op="placeholder"))
         batches = [split_batch(b, count, i)[0] for i, b in enumerate(data)]
+    bits = _bits(gm, ctx, groups, batches, options)
     rows = []
     progress = tqdm(
         groups,
@@ -212,7 +249,8 @@ def quantize_layer_weights(
     )
     for group in progress:  # the layers of a group read one tensor: one input width
         width = gm.get_submodule(str(group[0].target)).in_features
-        grid = WeightGrid(options.bits, width if options.bits == 8 else options.group_size)
+        grids = {8: WeightGrid(8, width), 4: WeightGrid(4, options.group_size)}
+        grid = grids[min(bits[str(n.target)] for n in group)]  # what AWQ searches for
         if options.method == "gptq":
             hessian = _hessian(gm, group, batches)
         input_scale = None
@@ -222,6 +260,7 @@ def quantize_layer_weights(
             name = str(node.target)
             layer = gm.get_submodule(name)
             weight = layer.weight.detach().float()
+            grid = grids[bits[name]]
             if options.method == "gptq":
                 codes, scale, minimum = gptq(weight, hessian, grid, act_order=options.act_order)
             else:
@@ -231,7 +270,7 @@ def quantize_layer_weights(
                 codes,
                 scale,
                 minimum,
-                bits=options.bits,
+                bits=grid.bits,
                 group_size=grid.group_size,
                 input_scale=input_scale,
             )
@@ -280,6 +319,7 @@ def quantize_weights(
     skip: Iterable[str] = (),
     lm_head: bool = False,
     embeddings: bool = False,
+    target_sqnr: float | None = None,
     act_order: bool = False,
     progress: bool = True,
 ) -> Pass:
@@ -297,12 +337,26 @@ def quantize_weights(
             f"quantize_weights: group_size {group_size} is not one the int4 kernel takes",
             hint=f"use one of {', '.join(map(str, GROUP_SIZES))}",
         )
+    if target_sqnr is not None and bits != 4:
+        raise InputError(
+            "quantize_weights: target_sqnr chooses each layer's bits between 4 and 8",
+            hint="give bits=4 with it",
+        )
     if method not in METHODS:
         raise InputError(
             f"quantize_weights: unknown method '{method}'", hint=f"use {', '.join(METHODS)}"
         )
     options = WeightOnlyOptions(
-        bits, group_size, method, data, tuple(skip), lm_head, act_order, progress, embeddings
+        bits,
+        group_size,
+        method,
+        data,
+        tuple(skip),
+        lm_head,
+        act_order,
+        progress,
+        embeddings,
+        target_sqnr,
     )
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:

@@ -295,7 +295,7 @@ def test_functional_batch_norm_on_model_tensors_folds(image, capture):
 @pytest.mark.parametrize(
     ("options", "reason"),
     [
-        ({"training": True}, "training=True: its statistics change with every batch"),
+        ({"training": True}, "own statistics (training=True: a model in train mode"),
         ({"computed": True}, "batch_norm's running_var is computed in the graph ('add')"),
     ],
 )

@@ -265,3 +265,41 @@ def test_composes_with_distill():
     assert any(isinstance(m, WeightOnlyLinear) for m in result.module.modules())
     float_accuracy = accuracy(distilled, data.test_x, data.test_y)
     assert accuracy(result.module, data.test_x, data.test_y) >= float_accuracy - 0.5
+
+
+def _output_sqnr(model, gm, calibration):
+    with torch.no_grad():
+        expected = torch.cat([_logits(model(ids)).flatten() for (ids,) in calibration])
+        actual = torch.cat([_logits(gm(ids)).flatten() for (ids,) in calibration])
+    return float(10 * torch.log10(expected.pow(2).sum() / (expected - actual).pow(2).sum()))
+
+
+def test_target_sqnr_puts_the_most_sensitive_layers_at_int8(llama):
+    model, inputs, calibration = llama
+    whole = {
+        bits: fxcomp.compile(model, inputs, passes=[quantize_weights(bits, 32, progress=False)])
+        for bits in (4, 8)
+    }
+    ends = {bits: _output_sqnr(model, result.module, calibration) for bits, result in whole.items()}
+    target = (ends[4] + ends[8]) / 2
+    step = quantize_weights(4, 32, data=calibration, target_sqnr=target, progress=False)
+    result = fxcomp.compile(model, inputs, passes=[step])
+    table = result.report.tables["weight_bits"]
+    alone = [float(row["output_sqnr_db_alone_at_int4"]) for row in table]
+    assert alone == sorted(alone)  # most sensitive first
+    bits = [row["bits"] for row in table]
+    assert 0 < bits.count(8) < len(bits) and bits == sorted(bits, reverse=True)
+    stored = {r["layer"]: r["bits"] for r in result.report.tables["quantize_weights"]}
+    assert stored == {row["layer"]: row["bits"] for row in table}
+    assert _output_sqnr(model, result.module, calibration) >= target
+    assert not [n for n in result.report.notes if n.rule == "target_sqnr"]
+
+    out_of_reach = quantize_weights(4, 32, data=calibration, target_sqnr=200.0, progress=False)
+    result = fxcomp.compile(model, inputs, passes=[out_of_reach])
+    assert {row["bits"] for row in result.report.tables["weight_bits"]} == {8}
+    (note,) = [n for n in result.report.notes if n.rule == "target_sqnr"]
+    assert "below the target 200.0 dB: all layers take int8" in note.reason
+    with pytest.raises(InputError, match="target_sqnr chooses each layer's bits between 4 and 8"):
+        quantize_weights(bits=8, target_sqnr=30.0)
+    with pytest.raises(PassError, match="target_sqnr needs data"):
+        fxcomp.compile(model, inputs, passes=[quantize_weights(4, 32, target_sqnr=30.0)])
