@@ -91,6 +91,19 @@ def _insert_after(model: onnx.ModelProto, name: str, *new: onnx.NodeProto) -> No
     model.graph.node.extend(nodes)
 
 
+def _plant_qdq(model: onnx.ModelProto, conv: str, prefix: str) -> None:
+    """A Q/DQ pair (the stem's grid) after ``conv``'s output: the Q named "q", its output
+    ``{prefix}_q``, the DQ's ``{prefix}_dq`` (rewire the consumer to read it)."""
+    scale, zero_point = _node(model, "/stem_qdq/QuantizeLinear").input[1:]
+    output = f"{conv}_output_0"
+    _insert_after(
+        model,
+        conv,
+        helper.make_node("QuantizeLinear", [output, scale, zero_point], [f"{prefix}_q"], name="q"),
+        helper.make_node("DequantizeLinear", [f"{prefix}_q", scale, zero_point], [f"{prefix}_dq"]),
+    )
+
+
 def _remove(model: onnx.ModelProto, *names: str) -> None:
     kept = [n for n in model.graph.node if n.name not in names]
     del model.graph.node[:]
@@ -308,17 +321,9 @@ def test_qdq_between_conv_and_residual_add_for_tensorrt(residual_exports):
     """TensorRT's guide: a Q/DQ pair on the Conv output feeding a residual Add splits
     Conv + Add; fxcomp's own file has none there, so plant one."""
     model = onnx.load(residual_exports["tensorrt"])
-    scale, zero_point = _node(model, "/stem_qdq/QuantizeLinear").input[1:]
     add = _node(model, "/Add")
     add.input[list(add.input).index("/conv/Conv_output_0")] = "split_dq"
-    _insert_after(
-        model,
-        "/conv/Conv",
-        helper.make_node(
-            "QuantizeLinear", ["/conv/Conv_output_0", scale, zero_point], ["split_q"], name="q"
-        ),
-        helper.make_node("DequantizeLinear", ["split_q", scale, zero_point], ["split_dq"]),
-    )
+    _plant_qdq(model, "/conv/Conv", "split")
     result = check(model, "tensorrt")
     assert _found(result) == {("residual-split", "q")}
     message = result.violations[0].message
@@ -341,16 +346,8 @@ def test_float_residual_that_is_not_a_conv_output_for_tensorrt(residual_exports)
 
 def test_qdq_between_conv_and_relu_for_tensorrt(residual_exports):
     model = onnx.load(residual_exports["tensorrt"])
-    scale, zero_point = _node(model, "/stem_qdq/QuantizeLinear").input[1:]
     _node(model, "/stem/Relu").input[0] = "inner_dq"
-    _insert_after(
-        model,
-        "/stem/Conv",
-        helper.make_node(
-            "QuantizeLinear", ["/stem/Conv_output_0", scale, zero_point], ["inner_q"], name="q"
-        ),
-        helper.make_node("DequantizeLinear", ["inner_q", scale, zero_point], ["inner_dq"]),
-    )
+    _plant_qdq(model, "/stem/Conv", "inner")
     result = check(model, "tensorrt")
     assert _found(result) == {("qdq-inside-fusion", "q")}
     assert "between Conv /stem/Conv and Relu /stem/Relu" in result.violations[0].message

@@ -65,6 +65,19 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], -1).flatten(-2)
 
 
+def _store(
+    module: nn.Module, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None
+) -> None:
+    """Put ``codes`` (int8, or 0..15 two per byte, the even column in the low nibble) and
+    their grid into ``module``'s ``weight``, ``scale`` and ``minimum``."""
+    module.scale.copy_(scale.reshape(module.scale.shape))
+    if module.bits == 8:
+        module.weight.copy_(codes)
+    else:
+        module.minimum.copy_(minimum)
+        module.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
+
+
 class WeightOnlyLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` in int8 per output channel or int4 per group.
 
@@ -129,12 +142,8 @@ class WeightOnlyLinear(nn.Module):
             input_scale is not None,
         )
         with torch.no_grad():
-            new.scale.copy_(scale.reshape(new.scale.shape))
-            if bits == 8:
-                new.weight.copy_(codes)
-            else:
-                new.minimum.copy_(minimum)
-                new.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
+            _store(new, codes, scale, minimum)
+            if bits == 4:
                 new._pack()
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
@@ -245,12 +254,7 @@ class WeightOnlyEmbedding(nn.Module):
         """The table for ``table``'s shape with the given codes and grid (as ``rtn`` gives)."""
         new = cls(table.num_embeddings, table.embedding_dim, bits, group_size)
         with torch.no_grad():
-            new.scale.copy_(scale.reshape(new.scale.shape))
-            if bits == 8:
-                new.weight.copy_(codes)
-            else:
-                new.minimum.copy_(minimum)
-                new.weight.copy_(codes[:, ::2] | (codes[:, 1::2] << 4))
+            _store(new, codes, scale, minimum)
         return new
 
     def dequantized_weight(self) -> torch.Tensor:
