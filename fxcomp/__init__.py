@@ -26,8 +26,8 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
     from fxcomp.api.compile import CompileResult as CompileResult
     from fxcomp.api.compile import compile as compile
     from fxcomp.api.transplant import transplant as transplant
-    from fxcomp.backends.mobile.bundle import Bundle as Bundle
-    from fxcomp.backends.mobile.bundle import load_bundle as load_bundle
+    from fxcomp.backends.bundle import Bundle as Bundle
+    from fxcomp.backends.bundle import load_bundle as load_bundle
     from fxcomp.ir.capture import trace as trace
     from fxcomp.ir.errors import BackendError as BackendError
     from fxcomp.ir.errors import FxcompError as FxcompError
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # the names below, for type checkers and editors
 _HOMES = {
     "Analysis": "fxcomp.quant.sensitivity",
     "BackendError": "fxcomp.ir.errors",
-    "Bundle": "fxcomp.backends.mobile.bundle",
+    "Bundle": "fxcomp.backends.bundle",
     "CompileConfig": "fxcomp.pipeline.context",
     "CompileContext": "fxcomp.pipeline.context",
     "CompileResult": "fxcomp.api.compile",
@@ -75,7 +75,7 @@ _HOMES = {
     "analyze": "fxcomp.api.analyze",
     "compile": "fxcomp.api.compile",
     "load": "fxcomp.ir.serialize",
-    "load_bundle": "fxcomp.backends.mobile.bundle",
+    "load_bundle": "fxcomp.backends.bundle",
     "render_graph": "fxcomp.reporting.dump",
     "save": "fxcomp.ir.serialize",
     "trace": "fxcomp.ir.capture",

@@ -23,14 +23,15 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import BACKENDS
-from fxcomp.backends.mobile.backend import FILENAME
-from fxcomp.backends.mobile.bundle import FORMAT, MANIFEST, MODEL, SAMPLES
+from fxcomp.backends.bundle import FORMAT, MANIFEST, PROGRAMS, SAMPLES
+from fxcomp.backends.bundle_manifest import FILENAME
 from fxcomp.cli.calibration_data import photo_crops
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
+MODEL = PROGRAMS["lite-interpreter"]
 DIGIT_LABELS = [str(d) for d in range(10)]
 
 
@@ -314,7 +315,7 @@ def test_cli_refuses_a_kernel_engine_phones_do_not_run_before_any_work(tmp_path)
     assert run.returncode == 2
     assert "quantize with engine qnnpack for the mobile backend" in run.stderr
     run = _cli("compile", "torchvision:resnet18", "--mean", "0.5", "-o", str(tmp_path))
-    assert run.returncode == 2 and "apply to --backend mobile only" in run.stderr
+    assert run.returncode == 2 and "apply to --backend mobile or executorch only" in run.stderr
 
 
 FRESH = """

@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fxcomp.backends.base import Artifact, Backend
+from fxcomp.backends.executorch.backend import ExecuTorchBackend
 from fxcomp.backends.mobile.backend import MobileBackend
 from fxcomp.backends.onnx.backend import OnnxBackend
 from fxcomp.backends.torchscript import TorchScriptBackend
@@ -25,7 +26,7 @@ from fxcomp.quant.config import declared_config
 __all__ = ["BACKENDS", "Artifact", "Backend", "check_request", "get_backend"]
 
 BACKENDS: Mapping[str, Backend] = MappingProxyType(
-    {b.name: b for b in (TorchScriptBackend(), OnnxBackend(), MobileBackend())}
+    {b.name: b for b in (TorchScriptBackend(), OnnxBackend(), MobileBackend(), ExecuTorchBackend())}
 )
 
 

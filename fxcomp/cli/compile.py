@@ -31,6 +31,8 @@ from fxcomp.ir.graph import state_size
 __all__ = ["compile_command"]
 
 # flags that go to the passes that take them (``fxcomp.cli.options.passes_from_flags``)
+_BUNDLING = ("mobile", "executorch")  # the backends that take --mean, --std, --labels
+
 _PASS_FLAGS = (
     "ratio",
     "importance",
@@ -113,14 +115,15 @@ _PASS_FLAGS = (
     show_default=True,
     help="torchscript: fbgemm/qnnpack kernels (engines x86, fbgemm, qnnpack); onnx: float or "
     "QDQ for TensorRT (--engine tensorrt) or ONNX Runtime (--engine ort); mobile: a lite "
-    "interpreter bundle (--engine qnnpack).",
+    "interpreter bundle (--engine qnnpack); executorch: an ExecuTorch .pte bundle for XNNPACK "
+    "(--engine xnnpack).",
 )
-@click.option("--mean", help="mobile: per-channel input mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="mobile: per-channel input std the app divides by.")
+@click.option("--mean", help="mobile, executorch: per-channel input mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="mobile, executorch: per-channel input std the app divides by.")
 @click.option(
     "--labels",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="mobile: a text file with one class label per line.",
+    help="mobile, executorch: a text file with one class label per line.",
 )
 @click.option(
     "--analyze",
@@ -205,11 +208,13 @@ def compile_command(
 def _backend_options(
     backend: str, mean: str | None, std: str | None, labels: Path | None
 ) -> dict[str, Any]:
-    """The mobile backend's options from --mean, --std and --labels."""
+    """The bundling backends' options from --mean, --std and --labels."""
     given = {"mean": mean, "std": std, "labels": labels}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if options and backend != "mobile":
-        raise InputError(f"--{', --'.join(options)} apply to --backend mobile only")
+    if options and backend not in _BUNDLING:
+        raise InputError(
+            f"--{', --'.join(options)} apply to --backend {' or '.join(_BUNDLING)} only"
+        )
     for key in ("mean", "std"):
         if key in options:
             try:

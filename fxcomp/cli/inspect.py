@@ -1,5 +1,5 @@
 """``fxcomp check`` (an ONNX file against a runtime's QDQ rules) and ``fxcomp inspect`` (a
-mobile bundle's manifest, its samples re-run).
+bundle's manifest, its samples re-run by its runtime).
 
 Example::
 
@@ -15,7 +15,7 @@ from typing import Any
 import click
 from tabulate import tabulate
 
-from fxcomp.backends.mobile.bundle import load_bundle
+from fxcomp.backends.bundle import LITE, PROGRAMS, load_bundle
 from fxcomp.backends.onnx.check import TARGETS, check
 from fxcomp.ir.errors import VerificationError
 
@@ -46,7 +46,7 @@ def check_command(model_path: str, target: str, as_json: bool) -> None:
 @click.argument("bundle_path", metavar="MODEL.fxbundle")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
 def inspect_command(bundle_path: str, as_json: bool) -> None:
-    """Print a mobile bundle's manifest and re-run its bundled samples.
+    """Print a bundle's manifest (mobile or executorch) and re-run its bundled samples.
 
     Exits 0 when the samples reproduce, 1 when they do not, 2 when the bundle is refused.
     """
@@ -77,6 +77,8 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
             for e in entries
         )
 
+    runtime = manifest.get("runtime", LITE)
+    program = PROGRAMS[runtime]
     layers = manifest.get("layers", [])
     int8 = sum(1 for layer in layers if layer["precision"] == "int8")
     pre = manifest.get("preprocessing")
@@ -90,9 +92,23 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
         ["labels", f"{len(labels)} ({', '.join(labels[:3])}, ...)" if labels else "none"],
         ["layers", f"{int8} INT8, {len(layers) - int8} float"],
         ["versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())],
-        ["bytecode", manifest["bytecode_version"]],
-        ["model.ptl", f"{manifest['members']['model.ptl']['bytes'] / 2**20:.2f} MiB"],
+        ["runtime", runtime],
+        *([["bytecode", manifest["bytecode_version"]]] if runtime == LITE else []),
+        *_delegation_rows(manifest.get("delegation")),
+        [program, f"{manifest['members'][program]['bytes'] / 2**20:.2f} MiB"],
         *[[key, f"{value:.4g}"] for key, value in manifest.get("parity", {}).items()],
         *[["note", note] for note in manifest.get("notes", ())],
     ]
     return tabulate(rows, tablefmt="plain", disable_numparse=True)
+
+
+def _delegation_rows(delegation: dict[str, Any] | None) -> list[list[str]]:
+    """What XNNPACK runs and what was left on ExecuTorch's portable kernels."""
+    if delegation is None:
+        return []
+    delegated = delegation["xnnpack"]
+    portable = sorted({entry["op"] for entry in delegation["portable"]})
+    return [
+        ["xnnpack", f"{sum(delegated.values())} ops ({', '.join(sorted(delegated))})"],
+        ["portable kernels", ", ".join(portable) or "none"],
+    ]

@@ -1,4 +1,5 @@
-"""What each layer of a lowered graph computes in: its weight and output grids, or float.
+"""What each layer of a lowered or reference graph computes in: its weight and output grids,
+or float.
 
 Example::
 
@@ -15,6 +16,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxcomp.ir.graph import module_of
+from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer
 
 __all__ = ["layer_schemes"]
 
@@ -38,10 +40,30 @@ def _weight(weight: torch.Tensor) -> dict[str, Any]:
     return figures
 
 
+def _reference_layer(gm: GraphModule, node: Any, layer: QuantizedWeightLayer) -> dict[str, Any]:
+    """A reference graph's quantized Conv/Linear: its weight scheme and, when one Q/DQ step
+    reads it, its output grid."""
+    scale = layer.weight_scale
+    weight: dict[str, Any] = {
+        "dtype": str(layer.scheme.dtype).removeprefix("torch."),
+        "qscheme": "per_channel_symmetric" if scale.dim() else "per_tensor_symmetric",
+    }
+    if scale.dim():
+        weight.update(axis=layer.scheme.axis, channels=int(scale.numel()))
+    entry = {"name": str(node.target), "op": type(layer.weighted).__name__, "precision": "int8"}
+    entry["weight"] = weight
+    users = list(node.users)
+    step = module_of(gm, users[0]) if len(users) == 1 else None
+    if isinstance(step, QuantDequant):
+        entry["output"] = _grid(step.scale, step.zero_point, step.scheme.dtype)
+    return entry
+
+
 def layer_schemes(gm: GraphModule) -> list[dict[str, Any]]:
-    """One entry per quantize step, quantized kernel and float Conv/Linear, in graph order:
-    ``name``, ``op``, ``precision`` (``int8`` or ``float``) and, for quantized ones, the
-    ``output`` grid (dtype, scale, zero point) and the ``weight`` scheme.
+    """One entry per quantize step, quantized kernel (a reference graph's quantized
+    Conv/Linear) and float Conv/Linear, in graph order: ``name``, ``op``, ``precision``
+    (``int8`` or ``float``) and, for quantized ones, the ``output`` grid (dtype, scale,
+    zero point) and the ``weight`` scheme.
 
     Example::
 
@@ -57,6 +79,8 @@ def layer_schemes(gm: GraphModule) -> list[dict[str, Any]]:
             weight = getattr(module, "weight", None)
             if callable(weight):
                 entry["weight"] = _weight(weight())
+        elif isinstance(module, QuantizedWeightLayer):
+            entry = _reference_layer(gm, node, module)
         elif isinstance(module, _FLOAT_LAYERS):
             entry = {"name": str(node.target), "op": type(module).__name__, "precision": "float"}
         elif node.op == "call_function" and node.target is torch.quantize_per_tensor:

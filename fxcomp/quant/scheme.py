@@ -8,7 +8,9 @@ zero point 0, weights int8 symmetric per channel in [-127, 127]. ``ort`` (ONNX R
 CPU kernels): activations uint8 affine over the full range, weights as ``tensorrt``, in
 [-64, 64] (``reduce_range``, as ONNX Runtime's ``quantize_static`` means it) by default on
 x86 CPUs without VNNI, where its uint8 x int8 kernels add pairs of products in 16 bits and
-saturate on full-range weights.
+saturate on full-range weights. ``xnnpack`` (ExecuTorch's XNNPACK delegate, as PT2E's
+``XNNPACKQuantizer`` targets it): activations int8 affine over the full range, weights int8
+symmetric per output channel in [-127, 127].
 
 Example::
 
@@ -113,10 +115,12 @@ class Engine:
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
 _UINT8 = QScheme(torch.quint8, 0, 255, symmetric=False)
 _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
+_INT8 = QScheme(torch.qint8, -128, 127, symmetric=False)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
 
 _TORCHSCRIPT, _MOBILE, _ONNX = ("torchscript",), ("torchscript", "mobile"), ("onnx",)
+_EXECUTORCH = ("executorch",)
 
 ENGINES: dict[str, Engine] = {
     "x86": Engine("x86", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
@@ -128,6 +132,7 @@ ENGINES: dict[str, Engine] = {
     "ort": Engine(
         "ort", _UINT8, _WEIGHT_NARROW, False, _ONNX, narrows_weights=True, pools_on_own_grid=True
     ),
+    "xnnpack": Engine("xnnpack", _INT8, _WEIGHT_NARROW, False, _EXECUTORCH),
 }
 
 

@@ -2,6 +2,6 @@
 
 Example::
 
-    from fxcomp.backends.mobile.bundle import load_bundle
+    from fxcomp.backends.bundle import load_bundle
     bundle = load_bundle("out/model.fxbundle")
 """

@@ -1,11 +1,13 @@
-"""The mobile bundle: one zip file an app ships, with everything needed to feed and check it.
+"""The bundle: one zip file an app ships, with everything needed to feed and check it.
 
-``model.fxbundle`` holds ``model.ptl`` (the lite-interpreter program), ``manifest.json``
-(inputs with their dynamic axes, outputs, preprocessing, labels, engine, per-layer
-quantization, versions, the sha256 of every other member) and ``samples.safetensors``
-(sample inputs and the outputs they must give, no pickle). ``load_bundle`` refuses a file
-that is not a zip, lacks a member, fails a checksum or comes from a newer format, and
-returns a runnable ``Bundle`` whose ``verify`` re-runs the samples.
+``model.fxbundle`` holds the program (``model.ptl`` for the PyTorch lite interpreter, from
+the ``mobile`` backend; ``model.pte`` for ExecuTorch, from the ``executorch`` backend),
+``manifest.json`` (the runtime, inputs with their dynamic axes, outputs, preprocessing,
+labels, engine, per-layer quantization, versions, the sha256 of every other member) and
+``samples.safetensors`` (sample inputs and the outputs they must give, no pickle).
+``load_bundle`` refuses a file that is not a zip, lacks a member, fails a checksum or comes
+from a newer format, loads the program with the runtime the manifest names, and returns a
+runnable ``Bundle`` whose ``verify`` re-runs the samples.
 
 Example::
 
@@ -17,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -34,22 +37,27 @@ from safetensors.torch import save as save_tensors
 from torch.utils._pytree import tree_leaves
 
 from fxcomp.ir.errors import BackendError, VerificationError
-from fxcomp.quant.scheme import deprecated_apis, packing_engine
 
 __all__ = [
+    "EXECUTORCH",
     "FORMAT",
-    "MODEL",
+    "LITE",
+    "MANIFEST",
+    "PROGRAMS",
+    "SAMPLES",
     "Bundle",
     "bundle_bytes",
     "load_bundle",
-    "load_program",
     "output_leaves",
 ]
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-MODEL = "model.ptl"
+LITE, EXECUTORCH = "lite-interpreter", "executorch"
+PROGRAMS = {LITE: "model.ptl", EXECUTORCH: "model.pte"}  # the program member, by runtime
+# where each runtime's ``open_program(program, manifest, path)`` lives (imported when used)
+_OPENERS = {LITE: "fxcomp.backends.mobile.lite", EXECUTORCH: "fxcomp.backends.executorch.program"}
 MANIFEST = "manifest.json"
 SAMPLES = "samples.safetensors"
 
@@ -69,24 +77,26 @@ def bundle_bytes(
     manifest: Mapping[str, Any],
     samples: Mapping[str, torch.Tensor],
 ) -> bytes:
-    """The bundle file's bytes: ``program`` (a ``.ptl``), ``manifest`` (the checksums and
-    sizes of the other members are filled in here) and the ``samples`` tensors.
+    """The bundle file's bytes: ``program`` (for the runtime ``manifest["runtime"]`` names),
+    ``manifest`` (the format and the checksums and sizes of the other members are filled in
+    here) and the ``samples`` tensors.
 
     Example::
 
-        data = bundle_bytes(ptl, {"format": 1, "inputs": [...]}, {"input": x, "output": y})
+        data = bundle_bytes(ptl, {"runtime": LITE, "inputs": [...]}, {"input": x, "output": y})
     """
     tensors = save_tensors({name: t.contiguous() for name, t in samples.items()})
     manifest = dict(manifest)
     manifest["format"] = FORMAT
+    member = PROGRAMS[manifest["runtime"]]
     manifest["members"] = {
-        MODEL: {"sha256": _sha256(program), "bytes": len(program)},
+        member: {"sha256": _sha256(program), "bytes": len(program)},
         SAMPLES: {"sha256": _sha256(tensors), "bytes": len(tensors)},
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=2))
-        archive.writestr(MODEL, program)
+        archive.writestr(member, program)
         archive.writestr(SAMPLES, tensors)
     return buffer.getvalue()
 
@@ -95,7 +105,7 @@ def bundle_bytes(
 class Bundle:
     """A loaded bundle: the lite-interpreter module, its manifest and its samples."""
 
-    module: Any
+    module: Any  # the loaded program, called with tensors
     manifest: dict[str, Any]
     sample_inputs: tuple[torch.Tensor, ...]
     sample_outputs: tuple[torch.Tensor, ...]
@@ -175,44 +185,26 @@ def _checked(archive: zipfile.ZipFile, manifest: dict[str, Any], name: str, path
     return data
 
 
-def load_program(program: bytes, engine: str | None) -> tuple[Any, int]:
-    """A ``.ptl`` program's lite-interpreter module, its weights packed for ``engine`` (the
-    current engine for a float program), and its bytecode version.
-
-    Example::
-
-        module, bytecode = load_program(Path("model.ptl").read_bytes(), "qnnpack")
-    """
-    from torch.jit.mobile import _get_model_bytecode_version, _load_for_lite_interpreter
-
-    with deprecated_apis(), packing_engine(engine or torch.backends.quantized.engine):
-        bytecode = _get_model_bytecode_version(io.BytesIO(program))
-        return _load_for_lite_interpreter(io.BytesIO(program)), bytecode
+def _runtime(manifest: dict[str, Any], path: Path) -> str:
+    runtime = manifest.get("runtime", LITE)  # bundles from before ExecuTorch name none
+    if runtime not in PROGRAMS:
+        raise BackendError(
+            f"{path} is for the runtime {runtime!r}; this fxcomp runs {', '.join(PROGRAMS)}",
+            hint="upgrade fxcomp to open it",
+        )
+    return runtime
 
 
-def _lite_module(program: bytes, manifest: dict[str, Any], path: Path) -> Any:
+def _open(runtime: str, program: bytes, manifest: dict[str, Any], path: Path) -> Any:
     made_with = manifest.get("versions", {}).get("torch")
     if made_with != torch.__version__:
         log.warning("%s was made with torch %s, this is %s", path, made_with, torch.__version__)
-    try:
-        module, bytecode = load_program(program, manifest.get("engine"))
-    except Exception as err:
-        raise BackendError(
-            f"the lite interpreter of torch {torch.__version__} cannot load {path}'s model "
-            f"(made with torch {made_with}, bytecode version "
-            f"{manifest.get('bytecode_version')}): {err}"
-        ) from err
-    if bytecode != manifest.get("bytecode_version"):
-        raise BackendError(
-            f"{path}: the model is bytecode version {bytecode}, the manifest says "
-            f"{manifest.get('bytecode_version')}"
-        )
-    return module
+    return importlib.import_module(_OPENERS[runtime]).open_program(program, manifest, path)
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Open a bundle written by the ``mobile`` backend: check its format version and
-    checksums, load its model with the lite interpreter, read its samples.
+    """Open a bundle written by the ``mobile`` or ``executorch`` backend: check its format
+    version and checksums, load its program with its runtime, read its samples.
 
     Example::
 
@@ -228,7 +220,8 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BackendError(f"{path} is not a readable bundle (a zip file): {err}") from err
     with archive:
         manifest = _manifest(archive, path)
-        program = _checked(archive, manifest, MODEL, path)
+        runtime = _runtime(manifest, path)
+        program = _checked(archive, manifest, PROGRAMS[runtime], path)
         samples = _checked(archive, manifest, SAMPLES, path)
     try:
         tensors = load_tensors(samples)
@@ -240,4 +233,4 @@ def load_bundle(path: str | Path) -> Bundle:
         outputs = tuple(tensors[name] for name in described["outputs"])
     except KeyError as err:
         raise BackendError(f"{path}: the manifest names a sample {err} the file lacks") from None
-    return Bundle(_lite_module(program, manifest, path), manifest, inputs, outputs)
+    return Bundle(_open(runtime, program, manifest, path), manifest, inputs, outputs)

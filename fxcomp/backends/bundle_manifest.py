@@ -1,0 +1,193 @@
+"""What the bundling backends (``mobile``, ``executorch``) record about one program: the
+app's options (normalisation, labels), the inputs and outputs with their dynamic axes,
+the tolerance its samples are held to, and the bundle written atomically once it loads
+back and reproduces them.
+
+Example::
+
+    check_app_options(mean, std, labels)
+    atol, atol_is = sample_tolerance(gm, outputs, quantized=True)
+    manifest, samples = bundle_contents(fields, inputs, outputs, dynamic=True)
+    written = write_bundle(out_dir / FILENAME, program, manifest, samples)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxcomp.backends.bundle import bundle_bytes, load_bundle, output_leaves
+from fxcomp.ir.atomic import write_atomic
+from fxcomp.ir.errors import InputError
+from fxcomp.ir.graph import module_of
+
+__all__ = [
+    "FILENAME",
+    "bundle_contents",
+    "check_app_extras",
+    "check_app_options",
+    "runs_one_more_row",
+    "sample_tolerance",
+    "write_bundle",
+]
+
+log = logging.getLogger(__name__)
+
+FILENAME = "model.fxbundle"
+FLOAT_RTOL = 1e-4  # float kernels on another CPU add in another order
+
+
+def check_app_options(
+    mean: Sequence[float] | None, std: Sequence[float] | None, labels: Sequence[str] | None
+) -> None:
+    """Raise ``InputError`` for normalisation or labels an app could not use."""
+    if (mean is None) != (std is None):
+        raise InputError("give mean and std together: the app normalises with both")
+    if mean is not None and std is not None:
+        if len(mean) != len(std):
+            raise InputError(f"mean has {len(mean)} values and std {len(std)}")
+        if not all(isinstance(s, int | float) and s > 0 for s in std):
+            raise InputError(f"std must be positive numbers, got {list(std)}")
+    if labels is not None and not all(isinstance(label, str) for label in labels):
+        raise InputError("labels must be strings, one per output class")
+
+
+def check_app_extras(
+    inputs: tuple, outputs: list[torch.Tensor], mean: Any, labels: Sequence[str] | None
+) -> None:
+    """Raise ``InputError`` when ``mean`` does not match the input's channels or ``labels``
+    the output's classes."""
+    if mean is not None and (inputs[0].dim() < 2 or inputs[0].shape[1] != len(mean)):
+        raise InputError(
+            f"mean/std give {len(mean)} channels; the input's shape is {list(inputs[0].shape)}",
+            hint="give one mean and one std per input channel (axis 1)",
+        )
+    if labels is not None and (not outputs or outputs[0].shape[-1] != len(labels)):
+        shape = list(outputs[0].shape) if outputs else None
+        raise InputError(
+            f"{len(labels)} labels for an output of shape {shape}",
+            hint="give one label per output class (the output's last axis)",
+        )
+
+
+def _output_step(gm: GraphModule) -> float | None:
+    """The grid step of the (single) output when it is quantized: a dequantized kernel's
+    result, or a reference graph's last Q/DQ step."""
+    out = gm.graph.output_node().args[0]
+    if not isinstance(out, Node):
+        return None
+    last = module_of(gm, out)
+    if last is not None and hasattr(last, "scale") and hasattr(last, "scheme"):
+        return float(last.scale)
+    if not (out.op == "call_method" and out.target == "dequantize"):
+        return None
+    source = out.args[0]
+    module = module_of(gm, source) if isinstance(source, Node) else None
+    if module is not None and hasattr(module, "scale"):
+        return float(module.scale)
+    if isinstance(source, Node) and source.op == "call_function" and len(source.args) >= 2:
+        scale = (
+            source.args[-2] if source.target is not torch.quantize_per_tensor else source.args[1]
+        )
+        return float(scale) if isinstance(scale, float) else None
+    return None
+
+
+def sample_tolerance(
+    gm: GraphModule, outputs: list[torch.Tensor], quantized: bool
+) -> tuple[float, str]:
+    """How far a runtime may be from the bundled sample outputs, and why: one step of the
+    output's INT8 grid, or a relative share of the largest output."""
+    step = _output_step(gm) if quantized else None
+    if step is not None:
+        return step, "one step of the output's INT8 grid"
+    biggest = max((t.abs().max().item() for t in outputs if t.numel()), default=1.0)
+    rtol = FLOAT_RTOL if not quantized else 1e-2
+    return rtol * biggest + 1e-6, f"{rtol:g} of the largest output"
+
+
+def runs_one_more_row(
+    module: Callable[..., Any], inputs: tuple, outputs: list[torch.Tensor], atol: float
+) -> bool:
+    """Whether the program runs, row for row the same, on one more row than it was made for."""
+    if not inputs or not all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
+        return False
+    try:
+        with torch.no_grad():
+            bigger = output_leaves(module(*(torch.cat([x, x[:1]]) for x in inputs)))
+    except Exception as err:
+        log.info("batch axis kept fixed: one more row fails (%s)", err)
+        return False
+    rows = inputs[0].shape[0]
+    return len(bigger) == len(outputs) and all(
+        b.shape[0] == rows + 1 and (b[:rows] - o).abs().max().item() <= atol
+        for b, o in zip(bigger, outputs, strict=True)
+    )
+
+
+def _names(prefix: str, count: int) -> list[str]:
+    return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
+
+
+def _describe(tensors: Sequence[torch.Tensor], names: list[str], dynamic: bool) -> list[dict]:
+    return [
+        {
+            "name": name,
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "dynamic_axes": [0] if dynamic else [],
+        }
+        for name, t in zip(names, tensors, strict=True)
+    ]
+
+
+def bundle_contents(
+    fields: Mapping[str, Any],
+    inputs: tuple,
+    outputs: list[torch.Tensor],
+    *,
+    dynamic: bool,
+    atol: float,
+    atol_is: str,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    labels: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest (``fields`` with the inputs, outputs, app options and samples entries)
+    and the sample tensors by name."""
+    input_names, output_names = _names("input", len(inputs)), _names("output", len(outputs))
+    manifest = {
+        **fields,
+        "inputs": _describe(inputs, input_names, dynamic),
+        "outputs": _describe(outputs, output_names, dynamic),
+        "preprocessing": None if mean is None else {"mean": list(mean), "std": list(std or ())},
+        "labels": None if labels is None else list(labels),
+        "samples": {
+            "inputs": input_names,
+            "outputs": output_names,
+            "atol": atol,
+            "atol_is": atol_is,
+        },
+    }
+    samples = dict(zip(input_names, inputs, strict=True))
+    samples.update(zip(output_names, outputs, strict=True))
+    return manifest, samples
+
+
+def write_bundle(
+    path: Path, program: bytes, manifest: Mapping[str, Any], samples: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Write the bundle beside ``path``, load it back, re-run its samples, and only then
+    rename it into place; the manifest as written."""
+
+    def verify(tmp: Path) -> dict[str, Any]:
+        bundle = load_bundle(tmp)
+        bundle.verify()
+        return bundle.manifest
+
+    return write_atomic(path, bundle_bytes(program, manifest, samples), check=verify)

@@ -1,0 +1,202 @@
+"""ExecuTorch backend: a ``.pte`` program delegated to XNNPACK, in a self-describing bundle.
+
+A float graph is exported as it is. A quantized graph must be the reference graph of
+``quantize(engine="xnnpack")`` (int8 activations, int8 symmetric per-channel weights: what
+XNNPACK's kernels run); it is rewritten into ATen ops between ``quantized_decomposed``
+quantize/dequantize steps (``fxcomp.backends.executorch.decomposed``), the form the XNNPACK
+partitioner turns into quantized convolutions, linears, adds and pooling. The program is
+lowered and serialised (``fxcomp.backends.executorch.program``), loaded by ExecuTorch's
+runtime, run on the example inputs and compared with the reference graph and the float
+model; its manifest says which ops XNNPACK runs and which were left on the portable
+kernels. The bundle (``fxcomp.backends.bundle``: program, manifest, samples) is loaded back,
+its samples re-run, and only then renamed into place.
+
+Example::
+
+    result = fxcomp.compile(model, (x,), [fuse(), quantize(data, engine="xnnpack")],
+                            backend="executorch", output_dir="out")
+    bundle = fxcomp.load_bundle("out/model.fxbundle")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from fxcomp.backends.base import Artifact, Backend, artifact_path, expected_outputs
+from fxcomp.backends.bundle import EXECUTORCH, Bundle, load_bundle, output_leaves
+from fxcomp.backends.bundle_manifest import (
+    FILENAME,
+    bundle_contents,
+    check_app_extras,
+    check_app_options,
+    runs_one_more_row,
+    sample_tolerance,
+    write_bundle,
+)
+from fxcomp.backends.executorch.decomposed import decomposed_graph
+from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
+from fxcomp.ir.errors import BackendError, InputError
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.quant.config import QUANT_CONFIG
+from fxcomp.quant.layers import layer_schemes
+from fxcomp.quant.observers import Observer
+from fxcomp.quant.reference import QuantDequant
+from fxcomp.runtime.parity import checked_parity
+
+__all__ = ["ExecuTorchBackend"]
+
+ENGINE = "xnnpack"
+MAX_BATCH = 8  # XNNPACK-lowered convolutions take at most 15 rows in ExecuTorch 1.5
+
+
+def _quantized_engine(gm: GraphModule) -> str | None:
+    """``xnnpack`` for a reference graph quantized for it, None for a float graph; raise for
+    a graph that is still observing or was quantized for another engine."""
+    hint = f"end the pipeline with quantize(..., engine='{ENGINE}')"
+    for name, module in gm.named_modules():
+        if isinstance(module, Observer):
+            raise BackendError(
+                f"'{name}' is an observer: the graph was calibrated but not frozen", hint=hint
+            )
+        if type(module).__module__.startswith("torch.ao.nn"):
+            config = QUANT_CONFIG.get(gm)
+            engine = config.engine if config is not None else "fbgemm/qnnpack"
+            raise BackendError(
+                f"'{name}' is a {type(module).__name__}: the graph was lowered to {engine} "
+                "kernels, which ExecuTorch does not run",
+                hint=hint,
+            )
+    if not any(isinstance(m, QuantDequant) for m in gm.modules()):
+        return None
+    config = QUANT_CONFIG.get(gm)
+    engine = config.engine if config is not None else None
+    if engine != ENGINE:
+        raise BackendError(
+            f"the graph is quantized for '{engine}'; XNNPACK runs int8 activations with "
+            "int8 symmetric per-channel weights",
+            hint=f"quantize with engine='{ENGINE}' for the executorch backend",
+        )
+    return engine
+
+
+def _check_max_batch(max_batch: int) -> None:
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise InputError(
+            f"max_batch must be a positive integer, got {max_batch!r}",
+            hint="1 keeps the example's batch size; more makes the batch axis dynamic",
+        )
+
+
+def _max_rows(program: ExecuTorchProgram, asked: int, notes: list[str]) -> int:
+    """The most rows the program takes: ``asked``, or fewer where its memory was planned
+    for fewer (a note says so)."""
+    planned = program.planned_rows
+    if planned is not None and planned < asked:
+        notes.append(
+            f"ExecuTorch planned memory for batches of up to {planned} rows, not the "
+            f"{asked} asked for (XNNPACK's lowering narrowed the batch axis's range)"
+        )
+        return planned
+    return asked
+
+
+class ExecuTorchBackend(Backend):
+    """An ExecuTorch ``.pte`` program for XNNPACK in a self-describing bundle (module
+    docstring)."""
+
+    name = "executorch"
+
+    def check_options(
+        self,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        labels: Sequence[str] | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        """Raise ``InputError`` for options the backend cannot record, ``BackendError`` when
+        ExecuTorch is not installed (unknown names raise ``TypeError`` naming them)."""
+        check_app_options(mean, std, labels)
+        _check_max_batch(max_batch)
+        require_executorch()
+
+    def emit(
+        self,
+        gm: GraphModule,
+        ctx: CompileContext,
+        out_dir: Path,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        labels: Sequence[str] | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> Artifact:
+        """Lower ``gm`` to an XNNPACK-delegated ``.pte``, verify it in ExecuTorch's runtime,
+        and bundle it with its manifest and samples as ``out_dir/model.fxbundle``."""
+        check_app_options(mean, std, labels)
+        _check_max_batch(max_batch)
+        require_executorch()
+        engine = _quantized_engine(gm)
+        inputs = tuple(ctx.config.example_inputs)
+        lowered = lower(
+            decomposed_graph(gm) if engine is not None else gm, inputs, max_batch=max_batch
+        )
+        program = ExecuTorchProgram(lowered.program)
+        outputs = output_leaves(program(*inputs))
+        check_app_extras(inputs, outputs, mean, labels)
+        figures = checked_parity(
+            outputs,
+            expected=expected_outputs(gm, ctx.state.reference_outputs, inputs),
+            float_outputs=ctx.state.float_outputs,
+            quantized=engine is not None,
+            what="ExecuTorch",
+        )
+        atol, atol_is = sample_tolerance(gm, outputs, engine is not None)
+        dynamic = lowered.dynamic_batch and runs_one_more_row(program, inputs, outputs, atol)
+        rows = _max_rows(program, max_batch, lowered.notes) if dynamic else inputs[0].shape[0]
+        program.max_batch = rows
+        fields: dict[str, Any] = {
+            "runtime": EXECUTORCH,
+            "engine": engine,
+            "layers": layer_schemes(gm),
+            "delegation": {"xnnpack": lowered.delegated, "portable": lowered.portable},
+            "max_batch": program.max_batch,
+            "versions": {
+                "fxcomp": version("fxcomp"),
+                "torch": torch.__version__,
+                "executorch": version("executorch"),
+            },
+            "parity": {k: v for k, v in figures.items() if math.isfinite(v)},
+            "notes": lowered.notes,
+        }
+        manifest, samples = bundle_contents(
+            fields,
+            inputs,
+            outputs,
+            dynamic=dynamic,
+            atol=atol,
+            atol_is=atol_is,
+            mean=mean,
+            std=std,
+            labels=labels,
+        )
+        path = out_dir / FILENAME
+        written = write_bundle(path, lowered.program, manifest, samples)
+        return Artifact(self.name, path, written, figures)
+
+    def load(self, artifact: Artifact | Path | str) -> Bundle:
+        """Open a bundle written by ``emit`` (an ``Artifact`` or its path).
+
+        Example::
+
+            bundle = ExecuTorchBackend().load("out/model.fxbundle")
+            bundle.verify()
+        """
+        return load_bundle(artifact_path(artifact))

@@ -1,0 +1,342 @@
+"""The ExecuTorch backend: XNNPACK-delegated ``.pte`` bundles from float graphs and from
+``quantize(engine="xnnpack")`` reference graphs, verified in ExecuTorch's runtime.
+
+Tolerances: a float program reproduces the compiled graph within 1e-5 relative (XNNPACK's
+float kernels add in another order); an INT8 program is within the reference graph's own
+quantization noise of it (``checked_parity``; XNNPACK rounds ``x * (1 / scale)`` where the
+reference rounds ``x / scale``, and a value on a rounding edge moves one step), and each
+bundle reproduces its samples within the manifest's ``atol``. The digits program's test
+accuracy equals the INT8 reference graph's within 0.2 points.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxcomp
+from fxcomp.backends import BACKENDS, check_request
+from fxcomp.backends.bundle import MANIFEST, PROGRAMS, SAMPLES
+from fxcomp.backends.bundle_manifest import FILENAME
+from fxcomp.cli.calibration_data import photo_crops
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.ir.errors import BackendError, InputError
+from fxcomp.nn.batchnorm import reestimate_batchnorm
+from fxcomp.passes import fuse, quantize
+
+PTE = PROGRAMS["executorch"]
+QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
+
+
+def xnnpack(data, **options):
+    return quantize(data, engine="xnnpack", progress=False, **options)
+
+
+def _portable_ops(manifest) -> set[str]:
+    return {entry["op"] for entry in manifest["delegation"]["portable"]}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    data = load_digits_split()
+    torch.manual_seed(0)
+    model = train(DigitsNet(), data, progress=False)
+    result = fxcomp.compile(
+        model,
+        data.test_x[:1],
+        [fuse(), xnnpack([x for x, _ in data.batches()])],
+        backend="executorch",
+        output_dir=tmp_path_factory.mktemp("digits"),
+        backend_options={"labels": [str(d) for d in range(10)], "mean": [0.0], "std": [1.0]},
+    )
+    return data, model, result
+
+
+def test_digits_pte_keeps_int8_accuracy_and_describes_itself(digits):
+    data, model, result = digits
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    reference = accuracy(result.module, data.test_x, data.test_y)
+    assert accuracy(model, data.test_x, data.test_y) > 95
+    in_batches = lambda x: torch.cat([bundle(rows) for rows in x.split(8)])  # noqa: E731
+    assert abs(accuracy(in_batches, data.test_x, data.test_y) - reference) <= 0.2
+    with pytest.raises(InputError, match="batches of up to 8 rows, got 9"):
+        bundle(data.test_x[:9])
+    manifest = bundle.manifest
+    assert manifest["runtime"] == "executorch" and manifest["engine"] == "xnnpack"
+    assert manifest["versions"]["executorch"] == "1.5.1"
+    assert manifest["inputs"][0]["dynamic_axes"] == [0] and manifest["max_batch"] == 8
+    assert manifest["labels"][3] == "3" and manifest["preprocessing"]["mean"] == [0.0]
+    layers = manifest["layers"]
+    assert [layer["precision"] for layer in layers] == ["int8"] * len(layers)
+    assert layers[0]["weight"]["qscheme"] == "per_channel_symmetric"
+    assert layers[0]["output"]["dtype"] == "qint8"
+    # every convolution, linear and Q/DQ step runs inside XNNPACK
+    delegated = manifest["delegation"]["xnnpack"]
+    assert delegated["aten.convolution.default"] == 3 and delegated["aten.linear.default"] == 1
+    assert not _portable_ops(manifest) & {"aten.convolution.default", *QUANTIZED_OPS}
+    with zipfile.ZipFile(result.artifact.path) as archive:
+        assert sorted(archive.namelist()) == sorted([MANIFEST, PTE, SAMPLES])
+        digest = hashlib.sha256(archive.read(PTE)).hexdigest()
+    assert manifest["members"][PTE]["sha256"] == digest
+    assert bundle.verify() == [0.0]
+
+
+def test_float_program_reproduces_the_graph_at_other_batch_sizes(residual_net, image, tmp_path):
+    result = fxcomp.compile(residual_net, image, [fuse()], "executorch", tmp_path)
+    bundle = BACKENDS["executorch"].load(result.artifact)
+    assert bundle.manifest["engine"] is None
+    assert {layer["precision"] for layer in bundle.manifest["layers"]} == {"float"}
+    assert result.artifact.parity["sqnr_db_vs_reference"] > 80
+    for rows in (1, 2, 5, 8):
+        x = torch.randn(rows, 3, 16, 16)
+        torch.testing.assert_close(bundle(x), result.module(x), rtol=1e-5, atol=1e-5)
+    assert "aten.convolution.default" in bundle.manifest["delegation"]["xnnpack"]
+
+
+def test_a_batch_bound_the_lowering_narrows_is_recorded(residual_net, image, tmp_path):
+    options = {"max_batch": 32}
+    result = fxcomp.compile(
+        residual_net, image, [fuse()], "executorch", tmp_path, backend_options=options
+    )
+    manifest = result.artifact.manifest
+    # XNNPACK's lowering of convolutions narrows the batch axis to 15 rows in ExecuTorch 1.5
+    assert manifest["max_batch"] == 15
+    assert "planned memory for batches of up to 15 rows, not the 32" in manifest["notes"][0]
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    assert bundle(torch.randn(15, 3, 16, 16)).shape == (15, 3)
+    with pytest.raises(InputError, match="batches of up to 15 rows, got 16"):
+        bundle(torch.randn(16, 3, 16, 16))
+
+
+def test_int8_residual_net_runs_every_quantized_op_in_xnnpack(residual_net, image, tmp_path):
+    data = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
+    result = fxcomp.compile(residual_net, image, [fuse(), xnnpack(data)], "executorch", tmp_path)
+    manifest, parity = result.artifact.manifest, result.artifact.parity
+    assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+    delegated = manifest["delegation"]["xnnpack"]
+    assert delegated["aten.convolution.default"] == 2 and delegated["aten.add.Tensor"] == 1
+    assert not _portable_ops(manifest) & {
+        "aten.convolution.default",
+        "aten.addmm.default",
+        "aten.add.Tensor",
+        *QUANTIZED_OPS,
+    }
+    assert manifest["notes"] == []
+
+
+def test_skipped_layers_stay_float_and_are_recorded(residual_net, image, tmp_path):
+    passes = [fuse(), xnnpack([image], skip=["out"])]
+    result = fxcomp.compile(residual_net, image, passes, "executorch", tmp_path)
+    precision = {layer["name"]: layer["precision"] for layer in result.artifact.manifest["layers"]}
+    assert precision["out"] == "float" and precision["stem"] == "int8"
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    torch.testing.assert_close(
+        bundle(image), result.module(image), atol=bundle.manifest["samples"]["atol"], rtol=0
+    )
+
+
+class Cumulative(nn.Module):
+    """A convolution, then an op XNNPACK does not take (cumsum) before the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)).cumsum(1))
+
+
+def test_an_op_xnnpack_does_not_take_runs_on_portable_kernels_and_is_named(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    result = fxcomp.compile(Cumulative().eval(), x, [], "executorch", tmp_path)
+    manifest = result.artifact.manifest
+    assert "aten.cumsum.default" in _portable_ops(manifest)
+    assert "aten.convolution.default" in manifest["delegation"]["xnnpack"]
+    assert manifest["notes"] == []  # cumsum is not the model's compute
+    torch.testing.assert_close(fxcomp.load_bundle(result.artifact.path)(x), result.module(x))
+
+
+class ComputedWeight(nn.Module):
+    """A convolution whose weight is computed at run time: XNNPACK takes constant weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight.tanh())
+
+
+def test_a_convolution_left_on_portable_kernels_is_named_a_performance_bug(tmp_path):
+    x = torch.randn(1, 3, 8, 8)
+    result = fxcomp.compile(ComputedWeight().eval(), x, [], "executorch", tmp_path)
+    notes = result.artifact.manifest["notes"]
+    assert any(
+        re.search(r"aten.convolution.default \w+ .*portable kernels, not XNNPACK", n) for n in notes
+    ), notes
+
+
+@pytest.mark.parametrize(
+    ("passes", "message"),
+    [
+        (
+            lambda x: [fuse(), quantize([x], engine="x86", progress=False)],
+            "does not take graphs quantized for 'x86'",
+        ),
+        (
+            lambda x: [fuse(), quantize([x], engine="tensorrt", progress=False)],
+            "does not take graphs quantized for 'tensorrt'",
+        ),
+    ],
+)
+def test_graphs_for_other_engines_are_refused_before_any_work(
+    residual_net, image, tmp_path, passes, message
+):
+    with pytest.raises(BackendError, match=message):
+        fxcomp.compile(residual_net, image, passes(image), "executorch", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("engine", "message"),
+    [("x86", "lowered to x86 kernels"), ("tensorrt", "quantized for 'tensorrt'")],
+)
+def test_a_foreign_graph_that_reaches_the_backend_is_refused_without_a_file(
+    residual_net, image, tmp_path, engine, message
+):
+    gm = fxcomp.compile(residual_net, image, [fuse(), quantize([image], engine=engine)]).module
+    ctx = fxcomp.CompileContext.from_inputs((image,))
+    with pytest.raises(BackendError, match=message):
+        BACKENDS["executorch"].emit(gm, ctx, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_executorch_the_backend_says_how_to_get_it(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_executorch(name, *args, **kwargs):
+        if name.startswith("executorch"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_executorch)
+    with pytest.raises(BackendError, match="needs ExecuTorch") as err:
+        check_request("executorch", [fuse()])
+    assert "pip install 'fxcomp[executorch]'" in str(err.value)
+
+
+def _rewrite(source: Path, target: Path, change) -> Path:
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        manifest = json.loads(old.read(MANIFEST))
+        members = {name: old.read(name) for name in old.namelist() if name != MANIFEST}
+        change(manifest, members)
+        for name, data in members.items():
+            new.writestr(name, data)
+        new.writestr(MANIFEST, json.dumps(manifest))
+    return target
+
+
+def _garble_program(manifest, members):
+    """A damaged program whose checksum was made to match: the runtime must refuse it."""
+    program = bytearray(members[PTE])
+    program[8:64] = bytes(56)
+    members[PTE] = bytes(program)
+    manifest["members"][PTE]["sha256"] = hashlib.sha256(program).hexdigest()
+
+
+def _flip_program(manifest, members):
+    program = bytearray(members[PTE])
+    program[len(program) // 2] ^= 1
+    members[PTE] = bytes(program)
+
+
+def _unknown_runtime(manifest, members):
+    manifest["runtime"] = "tflite"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_flip_program, "sha256 of 'model.pte'"),
+        (_garble_program, "ExecuTorch's runtime cannot load"),
+        (_unknown_runtime, "for the runtime 'tflite'"),
+    ],
+)
+def test_a_damaged_bundle_is_refused_naming_what_is_wrong(digits, tmp_path, change, message):
+    damaged = _rewrite(digits[2].artifact.path, tmp_path / "damaged.fxbundle", change)
+    with pytest.raises(BackendError, match=message):
+        fxcomp.load_bundle(damaged)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fxcomp", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_cli_compiles_a_pte_bundle_and_inspect_reruns_its_samples(tmp_path):
+    run = _cli(
+        "compile", "fxcomp.cli.digits:DigitsNet", "--input-shape", "1,1,8,8", "--calib",
+        "digits", "--engine", "xnnpack", "--backend", "executorch", "--latency-rounds", "0",
+        "-o", str(tmp_path),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    run = _cli("inspect", str(tmp_path / FILENAME))
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"runtime +executorch", run.stdout)
+    assert re.search(r"engine +xnnpack", run.stdout)
+    assert re.search(r"xnnpack +\d+ ops \(.*aten.convolution.default", run.stdout)
+    assert "samples: reproduced (max abs error 0," in run.stdout
+
+
+FRESH = """
+import json, sys, torch, fxcomp
+report = {}
+for path in sys.argv[1:]:
+    bundle = fxcomp.load_bundle(path)
+    x = bundle.sample_inputs[0]
+    rows = bundle(torch.cat([x, x, x]))
+    report[path] = {
+        "errors": bundle.verify(),
+        "rows_match": bool((rows[: len(x)] - bundle.sample_outputs[0]).abs().max()
+                           <= bundle.manifest["samples"]["atol"]),
+    }
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_torchvision_programs_match_their_reference_and_reload_in_a_fresh_process(tmp_path):
+    paths = []
+    for name in ["resnet18", "mobilenet_v2", "mobilenet_v3_large"]:
+        crops = photo_crops((1, 3, 224, 224), 12)
+        torch.manual_seed(0)
+        model = reestimate_batchnorm(torchvision.models.get_model(name, weights=None), [crops[:4]])
+        passes = [fuse(), xnnpack([crops[4:8], crops[8:]])]
+        result = fxcomp.compile(model, crops[4:5], passes, "executorch", tmp_path / name)
+        parity, manifest = result.artifact.parity, result.artifact.manifest
+        assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"], name
+        assert not _portable_ops(manifest) & {"aten.convolution.default", *QUANTIZED_OPS}, name
+        assert manifest["notes"] == [], name
+        paths.append(str(result.artifact.path))
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, *paths], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert set(report) == set(paths)
+    for path, figures in report.items():
+        assert figures["errors"] == [0.0], path
+        assert figures["rows_match"], path
