@@ -91,7 +91,8 @@ def compile(
     ``weight_histograms`` figures.
     ``latency_rounds`` times the artifact against the float model, interleaved, and records
     the medians. ``backend_options`` go to the backend (``onnx``: ``opset``,
-    ``dynamic_batch``, ``fp16_weights``; ``mobile``: ``mean``, ``std``, ``labels``).
+    ``dynamic_batch``, ``fp16_weights``; ``mobile``: ``mean``, ``std``, ``labels``;
+    ``executorch``: those and ``max_batch``).
 
     Example::
 

@@ -6,14 +6,15 @@ back and reproduces them.
 Example::
 
     check_app_options(mean, std, labels)
-    atol, atol_is = sample_tolerance(gm, outputs, quantized=True)
-    manifest, samples = bundle_contents(fields, inputs, outputs, dynamic=True)
-    written = write_bundle(out_dir / FILENAME, program, manifest, samples)
+    artifact = bundle_artifact("mobile", gm, ctx, out_dir, program=ptl, run=module,
+                               fields={"runtime": LITE, ...}, quantized=True, what="lite",
+                               dynamic_batch=lambda outputs, atol: True)
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,19 +22,19 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
+from fxcomp.backends.base import Artifact, expected_outputs
 from fxcomp.backends.bundle import bundle_bytes, load_bundle, output_leaves
 from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of
+from fxcomp.pipeline.context import CompileContext
+from fxcomp.runtime.parity import checked_parity
 
 __all__ = [
     "FILENAME",
-    "bundle_contents",
-    "check_app_extras",
+    "bundle_artifact",
     "check_app_options",
     "runs_one_more_row",
-    "sample_tolerance",
-    "write_bundle",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def check_app_options(
         raise InputError("labels must be strings, one per output class")
 
 
-def check_app_extras(
+def _check_app_extras(
     inputs: tuple, outputs: list[torch.Tensor], mean: Any, labels: Sequence[str] | None
 ) -> None:
     """Raise ``InputError`` when ``mean`` does not match the input's channels or ``labels``
@@ -98,7 +99,7 @@ def _output_step(gm: GraphModule) -> float | None:
     return None
 
 
-def sample_tolerance(
+def _sample_tolerance(
     gm: GraphModule, outputs: list[torch.Tensor], quantized: bool
 ) -> tuple[float, str]:
     """How far a runtime may be from the bundled sample outputs, and why: one step of the
@@ -146,7 +147,7 @@ def _describe(tensors: Sequence[torch.Tensor], names: list[str], dynamic: bool) 
     ]
 
 
-def bundle_contents(
+def _bundle_contents(
     fields: Mapping[str, Any],
     inputs: tuple,
     outputs: list[torch.Tensor],
@@ -179,7 +180,7 @@ def bundle_contents(
     return manifest, samples
 
 
-def write_bundle(
+def _write_bundle(
     path: Path, program: bytes, manifest: Mapping[str, Any], samples: Mapping[str, torch.Tensor]
 ) -> dict[str, Any]:
     """Write the bundle beside ``path``, load it back, re-run its samples, and only then
@@ -191,3 +192,54 @@ def write_bundle(
         return bundle.manifest
 
     return write_atomic(path, bundle_bytes(program, manifest, samples), check=verify)
+
+
+def bundle_artifact(
+    backend: str,
+    gm: GraphModule,
+    ctx: CompileContext,
+    out_dir: Path,
+    *,
+    program: bytes,
+    run: Callable[..., Any],
+    fields: dict[str, Any],
+    quantized: bool,
+    what: str,
+    dynamic_batch: Callable[[list[torch.Tensor], float], bool],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    labels: Sequence[str] | None = None,
+) -> Artifact:
+    """Run ``program`` (loaded as ``run``) on the example inputs, check it against the
+    reference graph and the float model, ask ``dynamic_batch(outputs, atol)`` whether the
+    batch axis is dynamic, and write the bundle, with ``fields`` and the parity figures in
+    its manifest, as ``out_dir/model.fxbundle`` once it loads back and reproduces its
+    samples."""
+    inputs = tuple(ctx.config.example_inputs)
+    with torch.no_grad():
+        outputs = output_leaves(run(*inputs))
+    _check_app_extras(inputs, outputs, mean, labels)
+    figures = checked_parity(
+        outputs,
+        expected=expected_outputs(gm, ctx.state.reference_outputs, inputs),
+        float_outputs=ctx.state.float_outputs,
+        quantized=quantized,
+        what=what,
+    )
+    atol, atol_is = _sample_tolerance(gm, outputs, quantized)
+    dynamic = dynamic_batch(outputs, atol)
+    fields = {**fields, "parity": {k: v for k, v in figures.items() if math.isfinite(v)}}
+    manifest, samples = _bundle_contents(
+        fields,
+        inputs,
+        outputs,
+        dynamic=dynamic,
+        atol=atol,
+        atol_is=atol_is,
+        mean=mean,
+        std=std,
+        labels=labels,
+    )
+    path = out_dir / FILENAME
+    written = _write_bundle(path, program, manifest, samples)
+    return Artifact(backend, path, written, figures)

@@ -14,7 +14,8 @@ average pooling its own output grid (``ort``) it is observed as an own-grid op,
 and its ReLU. On engines whose runtime fuses a convolution into the residual add it feeds
 (``tensorrt``), a convolution whose only user is an add keeps a float output: only the add's
 other input is quantized, the placement TensorRT's guide gives for Conv + Add (+ ReLU) to
-run as one INT8 kernel (``_residual_convs``).
+run as one INT8 kernel (``_residual_convs``). Kinds of op an engine's runtime runs in float
+(``Engine.float_kinds``: hardswish and the sigmoids on ``xnnpack``) stay float.
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ def insert_observers(
         if node in quantized:
             continue
         kind = kind_of(gm, node, skip)
+        if kind in config.target.float_kinds:
+            kind = "float"
         if kind == "requant" and pools_on_own_grid:
             kind = "pooled"
         if options.only_nodes is not None and node.name not in options.only_nodes:

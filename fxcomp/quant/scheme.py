@@ -110,6 +110,10 @@ class Engine:
     # Whether the runtime fuses a convolution with the residual add it feeds (TensorRT:
     # Conv + Add (+ ReLU) as one INT8 kernel), which a Q/DQ pair between them would block.
     fuses_residual_add: bool = False
+    # Kinds of op (``fxcomp.quant.ops``) the runtime runs in float between quantized ones,
+    # which therefore get no grid of their own: ExecuTorch's XNNPACK delegate takes
+    # hardswish and the sigmoids in float only (PT2E's XNNPACKQuantizer leaves them so too).
+    float_kinds: frozenset[str] = frozenset()
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -132,7 +136,14 @@ ENGINES: dict[str, Engine] = {
     "ort": Engine(
         "ort", _UINT8, _WEIGHT_NARROW, False, _ONNX, narrows_weights=True, pools_on_own_grid=True
     ),
-    "xnnpack": Engine("xnnpack", _INT8, _WEIGHT_NARROW, False, _EXECUTORCH),
+    "xnnpack": Engine(
+        "xnnpack",
+        _INT8,
+        _WEIGHT_NARROW,
+        False,
+        _EXECUTORCH,
+        float_kinds=frozenset({"hardswish", "fixed"}),
+    ),
 }
 
 

@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -29,17 +28,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact, Backend, artifact_path, expected_outputs
-from fxcomp.backends.bundle import EXECUTORCH, Bundle, load_bundle, output_leaves
-from fxcomp.backends.bundle_manifest import (
-    FILENAME,
-    bundle_contents,
-    check_app_extras,
-    check_app_options,
-    runs_one_more_row,
-    sample_tolerance,
-    write_bundle,
-)
+from fxcomp.backends.base import Artifact, Backend, artifact_path
+from fxcomp.backends.bundle import EXECUTORCH, Bundle, load_bundle
+from fxcomp.backends.bundle_manifest import bundle_artifact, check_app_options, runs_one_more_row
 from fxcomp.backends.executorch.decomposed import decomposed_graph
 from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
 from fxcomp.ir.errors import BackendError, InputError
@@ -48,7 +39,6 @@ from fxcomp.quant.config import QUANT_CONFIG
 from fxcomp.quant.layers import layer_schemes
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.runtime.parity import checked_parity
 
 __all__ = ["ExecuTorchBackend"]
 
@@ -149,47 +139,40 @@ class ExecuTorchBackend(Backend):
             decomposed_graph(gm) if engine is not None else gm, inputs, max_batch=max_batch
         )
         program = ExecuTorchProgram(lowered.program)
-        outputs = output_leaves(program(*inputs))
-        check_app_extras(inputs, outputs, mean, labels)
-        figures = checked_parity(
-            outputs,
-            expected=expected_outputs(gm, ctx.state.reference_outputs, inputs),
-            float_outputs=ctx.state.float_outputs,
-            quantized=engine is not None,
-            what="ExecuTorch",
-        )
-        atol, atol_is = sample_tolerance(gm, outputs, engine is not None)
-        dynamic = lowered.dynamic_batch and runs_one_more_row(program, inputs, outputs, atol)
-        rows = _max_rows(program, max_batch, lowered.notes) if dynamic else inputs[0].shape[0]
-        program.max_batch = rows
         fields: dict[str, Any] = {
             "runtime": EXECUTORCH,
             "engine": engine,
             "layers": layer_schemes(gm),
             "delegation": {"xnnpack": lowered.delegated, "portable": lowered.portable},
-            "max_batch": program.max_batch,
             "versions": {
                 "fxcomp": version("fxcomp"),
                 "torch": torch.__version__,
                 "executorch": version("executorch"),
             },
-            "parity": {k: v for k, v in figures.items() if math.isfinite(v)},
             "notes": lowered.notes,
         }
-        manifest, samples = bundle_contents(
-            fields,
-            inputs,
-            outputs,
-            dynamic=dynamic,
-            atol=atol,
-            atol_is=atol_is,
+
+        def dynamic_batch(outputs: list[torch.Tensor], atol: float) -> bool:
+            dynamic = lowered.dynamic_batch and runs_one_more_row(program, inputs, outputs, atol)
+            rows = _max_rows(program, max_batch, lowered.notes) if dynamic else inputs[0].shape[0]
+            program.max_batch = fields["max_batch"] = rows
+            return dynamic
+
+        return bundle_artifact(
+            self.name,
+            gm,
+            ctx,
+            out_dir,
+            program=lowered.program,
+            run=program,
+            fields=fields,
+            quantized=engine is not None,
+            what="ExecuTorch",
+            dynamic_batch=dynamic_batch,
             mean=mean,
             std=std,
             labels=labels,
         )
-        path = out_dir / FILENAME
-        written = write_bundle(path, lowered.program, manifest, samples)
-        return Artifact(self.name, path, written, figures)
 
     def load(self, artifact: Artifact | Path | str) -> Bundle:
         """Open a bundle written by ``emit`` (an ``Artifact`` or its path).

@@ -166,8 +166,7 @@ class ExecuTorchProgram:
         if self.max_batch is not None and rows is not None and rows > self.max_batch:
             raise InputError(
                 f"the program was made for batches of up to {self.max_batch} rows, got {rows}",
-                hint="run it on smaller batches, or compile with backend_options="
-                "{'max_batch': N}",
+                hint="run it on smaller batches, or compile with backend_options={'max_batch': N}",
             )
         outputs = self.method.execute([x.contiguous() for x in inputs])
         return outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -29,17 +28,9 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact, Backend, artifact_path, expected_outputs
-from fxcomp.backends.bundle import LITE, Bundle, load_bundle, output_leaves
-from fxcomp.backends.bundle_manifest import (
-    FILENAME,
-    bundle_contents,
-    check_app_extras,
-    check_app_options,
-    runs_one_more_row,
-    sample_tolerance,
-    write_bundle,
-)
+from fxcomp.backends.base import Artifact, Backend, artifact_path
+from fxcomp.backends.bundle import LITE, Bundle, load_bundle
+from fxcomp.backends.bundle_manifest import bundle_artifact, check_app_options, runs_one_more_row
 from fxcomp.backends.mobile.lite import load_program
 from fxcomp.ir.errors import BackendError
 from fxcomp.pipeline.context import CompileContext
@@ -49,9 +40,8 @@ from fxcomp.quant.lowering import script
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import deprecated_apis
-from fxcomp.runtime.parity import checked_parity
 
-__all__ = ["FILENAME", "MobileBackend"]
+__all__ = ["MobileBackend"]
 
 log = logging.getLogger(__name__)
 
@@ -130,17 +120,6 @@ class MobileBackend(Backend):
         with deprecated_apis():
             program = scripted._save_to_buffer_for_lite_interpreter()
         module, bytecode = load_program(program, engine)
-        with torch.no_grad():
-            outputs = output_leaves(module(*inputs))
-        check_app_extras(inputs, outputs, mean, labels)
-        figures = checked_parity(
-            outputs,
-            expected=expected_outputs(gm, ctx.state.reference_outputs, inputs),
-            float_outputs=ctx.state.float_outputs,
-            quantized=engine is not None,
-            what="lite interpreter",
-        )
-        atol, atol_is = sample_tolerance(gm, outputs, engine is not None)
         notes = []
         if not optimization["applied"]:
             notes.append(f"optimize_for_mobile skipped: {optimization['reason']}")
@@ -152,23 +131,23 @@ class MobileBackend(Backend):
             "bytecode_version": bytecode,
             "versions": {"fxcomp": version("fxcomp"), "torch": torch.__version__},
             "optimize_for_mobile": optimization,
-            "parity": {k: v for k, v in figures.items() if math.isfinite(v)},
             "notes": notes,
         }
-        manifest, samples = bundle_contents(
-            fields,
-            inputs,
-            outputs,
-            dynamic=runs_one_more_row(module, inputs, outputs, atol),
-            atol=atol,
-            atol_is=atol_is,
+        return bundle_artifact(
+            self.name,
+            gm,
+            ctx,
+            out_dir,
+            program=program,
+            run=module,
+            fields=fields,
+            quantized=engine is not None,
+            what="lite interpreter",
+            dynamic_batch=lambda outputs, atol: runs_one_more_row(module, inputs, outputs, atol),
             mean=mean,
             std=std,
             labels=labels,
         )
-        path = out_dir / FILENAME
-        written = write_bundle(path, program, manifest, samples)
-        return Artifact(self.name, path, written, figures)
 
     def load(self, artifact: Artifact | Path | str) -> Bundle:
         """Open a bundle written by ``emit`` (an ``Artifact`` or its path).

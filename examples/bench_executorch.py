@@ -1,0 +1,281 @@
+"""INT8 in ExecuTorch with XNNPACK: fxcomp's ``.pte`` against PT2E's ``XNNPACKQuantizer`` flow,
+and against fxcomp's own lite-interpreter bundle.
+
+    python examples/bench_executorch.py
+    python examples/bench_executorch.py --model resnet18 --repeats 48 --json executorch.json
+
+Programs per torchvision model, all made from the same random-weight float model
+(``weights=None``; BatchNorm statistics first re-estimated on the input distribution, as
+``examples/bench_onnx.py`` does), for batch 1 (``max_batch=1``: a static batch, as the
+peer's export is):
+
+* float: ``fxcomp.compile(model, x, [fuse()], backend="executorch")``, XNNPACK float;
+* fxcomp: ``fxcomp.compile(model, x, [fuse(), quantize(calib, engine="xnnpack")],
+  backend="executorch")``: int8 activations, int8 symmetric per-channel weights, fxcomp's
+  default MSE observer;
+* pt2e: the peer, as ExecuTorch's documentation gives it: ``torch.export``,
+  ``prepare_pt2e`` with ``XNNPACKQuantizer`` and ``get_symmetric_quantization_config(
+  is_per_channel=True)``, the same calibration batches, ``convert_pt2e``, ``torch.export``
+  again, ``to_edge_transform_and_lower`` with ``XnnpackPartitioner``, ``to_executorch``;
+* lite: fxcomp's mobile bundle of the same model (``quantize(engine="qnnpack")``,
+  ``backend="mobile"``), the lite interpreter's qnnpack kernels.
+
+Both quantizers calibrate on ``--calib-batches`` batches of 8 normal-noise images (seed
+``--seed``); two further batches of 8 are held out. Measured per model:
+
+* latency of one call at batch 1 in ms: the three ``.pte`` programs run in one ExecuTorch
+  runtime (its own thread pool), warmed up ``--warmup`` times, then timed interleaved for
+  ``--repeats`` rounds by ``fxcomp.runtime.latency.median_latency``, every order in turn,
+  with ``fxcomp (A/A)`` (the fxcomp program under a second name: the noise floor of every
+  ratio in its row). The lite bundles run PyTorch's OpenMP threads, which must not share a
+  timing with ExecuTorch's pool, so they are timed the same way in a separate process
+  (``--lite-only``), against an ExecuTorch-free float eager model for scale;
+* SQNR in dB of each quantized program's output against the float model's on the 16
+  held-out images, one at a time;
+* file sizes, the ops XNNPACK runs, and the ops left to ExecuTorch's portable kernels.
+
+The digits CNN (trained on scikit-learn's digits in seconds) gives accuracy: the float
+model, fxcomp's INT8 reference graph, and its ``.pte``. ``--json PATH`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from benchmarks_doc import add_output_options, output
+from torch import nn
+
+import fxcomp
+from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
+from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
+from fxcomp.nn.batchnorm import reestimate_batchnorm
+from fxcomp.passes import fuse, quantize
+from fxcomp.runtime.latency import median_latency
+from fxcomp.runtime.parity import sqnr
+
+PROGRAMS = ("float", "pt2e", "fxcomp")
+SINGLE = {"max_batch": 1}
+
+
+def prepared_model(name: str, data: list[torch.Tensor]) -> nn.Module:
+    torch.manual_seed(0)
+    return reestimate_batchnorm(torchvision.models.get_model(name, weights=None), data)
+
+
+def pt2e_program(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tensor]):
+    """The peer's ``.pte``: PT2E with XNNPACKQuantizer, lowered as ExecuTorch documents."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True)
+    )
+    prepared = prepare_pt2e(torch.export.export(model, (x,)).module(), quantizer)
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    converted = convert_pt2e(prepared)
+    return lower(converted, (x,), max_batch=1)
+
+
+def make_programs(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict:
+    x = calibration[0][:1]
+    made = {}
+    for key, passes in (
+        ("float", [fuse()]),
+        ("fxcomp", [fuse(), quantize(calibration, engine="xnnpack", progress=False)]),
+    ):
+        artifact = fxcomp.compile(
+            model, x, passes, "executorch", out / key, backend_options=SINGLE
+        ).artifact
+        made[key] = {
+            "program": fxcomp.load_bundle(artifact.path).module,
+            "bytes": artifact.manifest["members"]["model.pte"]["bytes"],
+            "xnnpack": sum(artifact.manifest["delegation"]["xnnpack"].values()),
+            "portable": sorted({p["op"] for p in artifact.manifest["delegation"]["portable"]}),
+        }
+    peer = pt2e_program(model, x, calibration)
+    made["pt2e"] = {
+        "program": ExecuTorchProgram(peer.program),
+        "bytes": len(peer.program),
+        "xnnpack": sum(peer.delegated.values()),
+        "portable": sorted({p["op"] for p in peer.portable}),
+    }
+    lite = fxcomp.compile(
+        model,
+        x,
+        [fuse(), quantize(calibration, engine="qnnpack", progress=False)],
+        "mobile",
+        out / "lite",
+    ).artifact
+    made["lite"] = {"path": str(lite.path), "bytes": lite.manifest["members"]["model.ptl"]["bytes"]}
+    return made
+
+
+def time_programs(programs: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict:
+    runs = {key: programs[key]["program"] for key in PROGRAMS}
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    runs["fxcomp (A/A)"] = runs["fxcomp"]
+    return {key: ms[0] for key, ms in median_latency(runs, [(x,)], repeats).items()}
+
+
+def time_lite(path: str, model_name: str, repeats: int, warmup: int) -> dict:
+    """In this (separate) process: the lite bundle against the float eager model."""
+    bundle = fxcomp.load_bundle(path)
+    x = bundle.sample_inputs[0]
+    float_model = torchvision.models.get_model(model_name, weights=None).eval()
+    runs = {"lite": bundle, "float eager": torch.no_grad()(float_model)}
+    for run in runs.values():
+        for _ in range(warmup):
+            run(x)
+    runs["lite (A/A)"] = bundle
+    return {key: ms[0] for key, ms in median_latency(runs, [(x,)], repeats).items()}
+
+
+def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
+    gen = torch.Generator().manual_seed(args.seed)
+    data = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(args.calib_batches + 2)]
+    calibration, held_out = data[:-2], torch.cat(data[-2:])
+    model = prepared_model(name, calibration)
+    made = make_programs(model, calibration, work / name)
+    with torch.no_grad():
+        reference = model(held_out)
+    outputs = {
+        key: torch.cat([made[key]["program"](row[None]) for row in held_out]) for key in PROGRAMS
+    }
+    ms = time_programs(made, held_out[:1], args.repeats, args.warmup)
+    lite_run = subprocess.run(
+        [sys.executable, __file__, "--lite-only", made["lite"]["path"], "--model", name,
+         "--repeats", str(args.repeats), "--warmup", str(args.warmup)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    lite_ms = json.loads(lite_run.stdout.strip().splitlines()[-1])
+    print(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in {**ms, **lite_ms}.items()))
+    return {
+        "model": name,
+        "latency_ms": ms,
+        "lite_latency_ms": lite_ms,
+        "sqnr_db": {key: sqnr(reference, outputs[key]) for key in ("pt2e", "fxcomp")},
+        "float_pte_sqnr_db": sqnr(reference, outputs["float"]),
+        "size_mib": {key: made[key]["bytes"] / 2**20 for key in (*PROGRAMS, "lite")},
+        "xnnpack_ops": {key: made[key]["xnnpack"] for key in PROGRAMS},
+        "portable_ops": {key: made[key]["portable"] for key in PROGRAMS},
+    }
+
+
+def digits_accuracy(work: Path) -> dict:
+    data = load_digits_split()
+    torch.manual_seed(0)
+    model = train(DigitsNet(), data, progress=False)
+    passes = [fuse(), quantize([x for x, _ in data.batches()], engine="xnnpack", progress=False)]
+    result = fxcomp.compile(model, data.test_x[:1], passes, "executorch", work / "digits")
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    rows = bundle.manifest["max_batch"]
+
+    def in_batches(x):
+        return torch.cat([bundle(part) for part in x.split(rows)])
+
+    return {
+        "float": accuracy(model, data.test_x, data.test_y),
+        "int8 reference graph": accuracy(result.module, data.test_x, data.test_y),
+        "int8 .pte": accuracy(in_batches, data.test_x, data.test_y),
+    }
+
+
+def tables_of(results: list[dict], digits: dict) -> list:
+    speed = []
+    for r in results:
+        ms, lite = r["latency_ms"], r["lite_latency_ms"]
+        speed.append(
+            [
+                r["model"],
+                *(f"{ms[k]:.2f}" for k in PROGRAMS),
+                f"{ms['fxcomp'] / ms['pt2e']:.3f}",
+                f"{ms['fxcomp (A/A)'] / ms['fxcomp']:.3f}",
+                f"{ms['float'] / ms['fxcomp']:.2f}x",
+                f"{r['sqnr_db']['pt2e']:.2f}",
+                f"{r['sqnr_db']['fxcomp']:.2f}",
+                f"{lite['lite']:.2f}",
+                f"{lite['lite (A/A)'] / lite['lite']:.3f}",
+                f"{lite['float eager'] / lite['lite']:.2f}x",
+            ]
+        )
+    sizes = [
+        [
+            r["model"],
+            *(f"{r['size_mib'][k]:.2f}" for k in (*PROGRAMS, "lite")),
+            *(str(r["xnnpack_ops"][k]) for k in PROGRAMS),
+            *(", ".join(r["portable_ops"][k]) or "none" for k in PROGRAMS),
+        ]
+        for r in results
+    ]
+    return [
+        (
+            speed,
+            [
+                "model",
+                *(f"{k} .pte ms" for k in PROGRAMS),
+                "fxcomp / pt2e",
+                "A/A",
+                "fxcomp speed-up vs float .pte",
+                "pt2e SQNR dB",
+                "fxcomp SQNR dB",
+                "lite int8 ms",
+                "lite A/A",
+                "lite speed-up vs float eager",
+            ],
+        ),
+        (
+            sizes,
+            [
+                "model",
+                *(f"{k} .pte MiB" for k in PROGRAMS),
+                "lite int8 .ptl MiB",
+                *(f"{k} XNNPACK ops" for k in PROGRAMS),
+                *(f"{k} portable ops" for k in PROGRAMS),
+            ],
+        ),
+        ([[k, f"{v:.2f}"] for k, v in digits.items()], ["digits CNN", "test accuracy %"]),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="torchvision model (repeatable)")
+    parser.add_argument("--repeats", type=int, default=48, help="timed rounds: every order once")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs of each program")
+    parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 8")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the noise batches")
+    parser.add_argument("--lite-only", help=argparse.SUPPRESS)  # the separate timing process
+    add_output_options(parser)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.lite_only:
+        print(json.dumps(time_lite(args.lite_only, args.model[0], args.repeats, args.warmup)))
+        return
+    require_executorch()
+    models = args.model or ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = [measure(name, args, work) for name in models]
+        digits = digits_accuracy(work)
+    output(
+        "bench_executorch", args, tables_of(results, digits), {"models": results, "digits": digits}
+    )
+
+
+if __name__ == "__main__":
+    main()
