@@ -33,7 +33,9 @@ from fxcomp.cli.calibration_data import photo_crops
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.nn.batchnorm import reestimate_batchnorm
-from fxcomp.passes import fuse, quantize
+from fxcomp.passes import distill, fuse, prune, qat, quantize, smooth_quant
+from fxcomp.quant.config import QuantConfig
+from fxcomp.quant.pipeline import calibrate, observe
 
 PTE = PROGRAMS["executorch"]
 QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
@@ -41,6 +43,11 @@ QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per
 
 def xnnpack(data, **options):
     return quantize(data, engine="xnnpack", progress=False, **options)
+
+
+def _in_batches(bundle):
+    """The bundle run on any number of rows, eight at a time (its ``max_batch``)."""
+    return lambda x: torch.cat([bundle(rows) for rows in x.split(8)])
 
 
 def _portable_ops(manifest) -> set[str]:
@@ -68,8 +75,7 @@ def test_digits_pte_keeps_int8_accuracy_and_describes_itself(digits):
     bundle = fxcomp.load_bundle(result.artifact.path)
     reference = accuracy(result.module, data.test_x, data.test_y)
     assert accuracy(model, data.test_x, data.test_y) > 95
-    in_batches = lambda x: torch.cat([bundle(rows) for rows in x.split(8)])  # noqa: E731
-    assert abs(accuracy(in_batches, data.test_x, data.test_y) - reference) <= 0.2
+    assert abs(accuracy(_in_batches(bundle), data.test_x, data.test_y) - reference) <= 0.2
     with pytest.raises(InputError, match="batches of up to 8 rows, got 9"):
         bundle(data.test_x[:9])
     manifest = bundle.manifest
@@ -206,6 +212,42 @@ def test_graphs_for_other_engines_are_refused_before_any_work(
 ):
     with pytest.raises(BackendError, match=message):
         fxcomp.compile(residual_net, image, passes(image), "executorch", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_smoothquant_bias_correction_and_qat_reach_the_pte(digits, tmp_path):
+    """The other passes' work is in the reference graph, so it is in the program too: each
+    program's accuracy is its reference graph's within 0.5 points."""
+    data, model, _ = digits
+    batches = data.batches()
+    x = data.test_x[:1]
+    calibration = [images for images, _ in batches]
+    pipelines = {
+        "prune+distill+bias_correction": [
+            prune(0.5),
+            distill(model, data.batches(32), progress=False),
+            fuse(),
+            xnnpack(calibration, bias_correction=True),
+        ],
+        "smooth_quant": [fuse(), smooth_quant(calibration), xnnpack(calibration)],
+        "qat": [fuse(), qat(batches, epochs=1, engine="xnnpack", progress=False)],
+    }
+    for name, passes in pipelines.items():
+        result = fxcomp.compile(model, x, passes, "executorch", tmp_path / name)
+        bundle = fxcomp.load_bundle(result.artifact.path)
+        assert bundle.manifest["engine"] == "xnnpack", name
+        reference = accuracy(result.module, data.test_x, data.test_y)
+        assert abs(accuracy(_in_batches(bundle), data.test_x, data.test_y) - reference) <= 0.5, name
+        assert reference > 90, name
+    conv = {layer["name"]: layer for layer in bundle.manifest["layers"]}["stem.0"]
+    assert conv["precision"] == "int8"
+
+
+def test_a_graph_still_observing_is_refused(residual_net, image, tmp_path):
+    passes = [fuse(), observe(QuantConfig("xnnpack")), calibrate([image])]
+    gm = fxcomp.compile(residual_net, image, passes).module
+    with pytest.raises(BackendError, match="calibrated but not frozen"):
+        BACKENDS["executorch"].emit(gm, fxcomp.CompileContext.from_inputs((image,)), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 

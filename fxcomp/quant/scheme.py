@@ -10,7 +10,8 @@ CPU kernels): activations uint8 affine over the full range, weights as ``tensorr
 x86 CPUs without VNNI, where its uint8 x int8 kernels add pairs of products in 16 bits and
 saturate on full-range weights. ``xnnpack`` (ExecuTorch's XNNPACK delegate, as PT2E's
 ``XNNPACKQuantizer`` targets it): activations int8 affine over the full range, weights int8
-symmetric per output channel in [-127, 127].
+symmetric per output channel in [-127, 127], average pooling on a grid of its own (XNNPACK's
+quantized mean takes input and output grids), hardswish and the sigmoids in float.
 
 Example::
 
@@ -142,6 +143,7 @@ ENGINES: dict[str, Engine] = {
         _WEIGHT_NARROW,
         False,
         _EXECUTORCH,
+        pools_on_own_grid=True,
         float_kinds=frozenset({"hardswish", "fixed"}),
     ),
 }
