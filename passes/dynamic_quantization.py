@@ -7,7 +7,9 @@ Linear-heavy models (Transformers' projections, recurrent networks) whose activa
 ranges vary from input to input. The layers lower directly to the fbgemm/qnnpack dynamic
 kernels (``torch.ao.nn.quantized.dynamic``), packed for ``engine``, or, for
 ``engine="ort"``, to ``DynamicLinear`` (``fxcomp.quant.dynamic``), which the ONNX backend
-writes as ONNX Runtime's ``DynamicQuantizeLinear``/``MatMulInteger``; every Linear, LSTM and
+writes as ONNX Runtime's ``DynamicQuantizeLinear``/``MatMulInteger`` (and for
+``engine="xnnpack"`` the ExecuTorch backend as XNNPACK's dynamically quantized linear);
+every Linear, LSTM and
 GRU anywhere in the model is converted (inside fused units and leaf modules too) unless
 its qualified name is in ``skip``. A ``TransformerEncoderLayer`` whose feed-forward layers
 were converted runs its layer-by-layer path (its fused fast path reads float weights;
@@ -49,6 +51,8 @@ from fxcomp.runtime.parity import sqnr
 __all__ = ["DynamicOptions", "quantize_dynamic", "quantize_dynamic_layers"]
 
 _WEIGHT = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
+# runtimes that quantize a Linear's input on the fly themselves, from ``DynamicLinear``
+_DYNAMIC_RUNTIMES = ("ort", "xnnpack")
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,13 @@ class DynamicOptions:
 
     def check(self) -> None:
         """Raise ``InputError`` for an engine without dynamic kernels."""
-        if not self.config.target.kernels and self.config.engine != "ort":
+        if not self.config.target.kernels and self.config.engine not in _DYNAMIC_RUNTIMES:
             kernels = [name for name, engine in ENGINES.items() if engine.kernels]
             raise InputError(
                 f"quantize_dynamic runs fbgemm/qnnpack kernels, or ONNX Runtime's "
-                f"(engine='ort'); {self.config.engine!r} has neither",
-                hint=f"use engine {' / '.join([*kernels, 'ort'])}",
+                f"(engine='ort') or XNNPACK's (engine='xnnpack'); {self.config.engine!r} has "
+                "none",
+                hint=f"use engine {' / '.join([*kernels, *_DYNAMIC_RUNTIMES])}",
             )
 
 
@@ -90,12 +95,12 @@ def _linear(layer: nn.Linear, per_channel: bool) -> tuple[nn.Module, list[float]
     return quantized, [sqnr(layer.weight, weight.dequantize())]
 
 
-def _onnx_runtime(name: str, layer: nn.Module) -> tuple[nn.Module, list[float]]:
-    """A Linear as ONNX Runtime runs it dynamically (``DynamicLinear``)."""
+def _runtime_linear(name: str, layer: nn.Module, engine: str) -> tuple[nn.Module, list[float]]:
+    """A Linear as ONNX Runtime or XNNPACK runs it dynamically (``DynamicLinear``)."""
     if not isinstance(layer, nn.Linear):
         raise InputError(
-            f"'{name}' is a {type(layer).__name__}: quantize_dynamic(engine='ort') converts "
-            "Linear layers; recurrent layers run on fbgemm/qnnpack's dynamic kernels",
+            f"'{name}' is a {type(layer).__name__}: quantize_dynamic(engine='{engine}') "
+            "converts Linear layers; recurrent layers run on fbgemm/qnnpack's dynamic kernels",
             hint=f"skip=['{name}'], or engine='x86' with the TorchScript backend",
         )
     quantized = DynamicLinear(layer)
@@ -147,8 +152,8 @@ def quantize_dynamic_layers(
     rows = []
     with packing_engine(config.engine if config.target.kernels else "x86"), deprecated_apis():
         for name, layer in found:
-            if not config.target.kernels:  # ONNX Runtime's form
-                quantized, errors = _onnx_runtime(name, layer)
+            if not config.target.kernels:  # the runtime's own dynamic Linear
+                quantized, errors = _runtime_linear(name, layer, config.engine)
             else:
                 convert = _linear if isinstance(layer, nn.Linear) else _recurrent
                 quantized, errors = convert(layer, config.per_channel)

@@ -4,7 +4,9 @@ A float graph is exported as it is. A quantized graph must be the reference grap
 ``quantize(engine="xnnpack")`` (int8 activations, int8 symmetric per-channel weights: what
 XNNPACK's kernels run); it is rewritten into ATen ops between ``quantized_decomposed``
 quantize/dequantize steps (``fxcomp.backends.executorch.decomposed``), the form the XNNPACK
-partitioner turns into quantized convolutions, linears, adds and pooling. The program is
+partitioner turns into quantized convolutions, linears, adds and pooling; the
+``DynamicLinear`` layers of ``quantize_dynamic(engine="xnnpack")`` become XNNPACK's
+dynamically quantized linears (inputs quantized per call). The program is
 lowered and serialised (``fxcomp.backends.executorch.program``), loaded by ExecuTorch's
 runtime, run on the example inputs and compared with the reference graph and the float
 model; its manifest says which ops XNNPACK runs and which were left on the portable
@@ -36,6 +38,7 @@ from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.config import QUANT_CONFIG
+from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.layers import layer_schemes
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
@@ -63,7 +66,7 @@ def _quantized_engine(gm: GraphModule) -> str | None:
                 "kernels, which ExecuTorch does not run",
                 hint=hint,
             )
-    if not any(isinstance(m, QuantDequant) for m in gm.modules()):
+    if not any(isinstance(m, QuantDequant | DynamicLinear) for m in gm.modules()):
         return None
     config = QUANT_CONFIG.get(gm)
     engine = config.engine if config is not None else None
@@ -135,9 +138,7 @@ class ExecuTorchBackend(Backend):
         require_executorch()
         engine = _quantized_engine(gm)
         inputs = tuple(ctx.config.example_inputs)
-        lowered = lower(
-            decomposed_graph(gm) if engine is not None else gm, inputs, max_batch=max_batch
-        )
+        lowered = lower(decomposed_graph(gm), inputs, max_batch=max_batch)
         program = ExecuTorchProgram(lowered.program)
         fields: dict[str, Any] = {
             "runtime": EXECUTORCH,

@@ -101,36 +101,38 @@ def _dynamic_export(module: nn.Module, inputs: tuple, max_batch: int) -> Any:
     return torch.export.export(module, rows, dynamic_shapes=shapes, strict=False)
 
 
-def _edge(exported: Any) -> Any:
+def _lowered(exported: Any) -> tuple[tuple[dict[str, int], list[dict[str, str]]], bytes]:
+    """What XNNPACK took and what it left (``_delegation``), and the serialised ``.pte``."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    return to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    delegation = _delegation(edge.exported_program().graph_module)
+    return delegation, bytes(edge.to_executorch().buffer)
 
 
-def _lowered_edge(module: nn.Module, inputs: tuple, max_batch: int) -> tuple[Any, bool, list[str]]:
+def _program(module: nn.Module, inputs: tuple, max_batch: int) -> tuple[Any, bytes, bool, list]:
     """The program lowered for XNNPACK with a dynamic batch axis where the model, export and
-    the partitioner allow it, else at the example's batch size (a note says why)."""
+    ExecuTorch's passes allow it, else at the example's batch size (a note says why)."""
     tensors = all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs)
     if max_batch > 1 and tensors:
         try:
-            return _edge(_dynamic_export(module, inputs, max_batch)), True, []
-        except Exception as err:  # any capture or partition failure: the example's shape
+            return (*_lowered(_dynamic_export(module, inputs, max_batch)), True, [])
+        except Exception as err:  # any capture, partition or serialisation failure
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             note = (
-                f"batch axis fixed at {inputs[0].shape[0]}: the graph could not be exported "
-                f"and lowered with a dynamic batch ({first})"
+                f"batch axis fixed at {inputs[0].shape[0]}: the graph could not be lowered "
+                f"with a dynamic batch ({first})"
             )
             log.info("executorch backend: %s", note)
-            return _edge(torch.export.export(module, inputs, strict=False)), False, [note]
-    return _edge(torch.export.export(module, inputs, strict=False)), False, []
+            return (*_lowered(torch.export.export(module, inputs, strict=False)), False, [note])
+    return (*_lowered(torch.export.export(module, inputs, strict=False)), False, [])
 
 
 def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:
     """Export ``module`` on ``inputs``, delegate what XNNPACK takes, serialise the program."""
     require_executorch()
-    edge, dynamic, notes = _lowered_edge(module, inputs, max_batch)
-    delegated, portable = _delegation(edge.exported_program().graph_module)
+    (delegated, portable), program, dynamic, notes = _program(module, inputs, max_batch)
     for op in portable:
         if any(kind in f".{op['op']}." for kind in _COMPUTE):
             where = f" ({op['module']})" if op["module"] else ""
@@ -139,8 +141,7 @@ def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:
                 "XNNPACK: a performance bug; its inputs are not in a form XNNPACK takes"
             )
             log.warning("executorch backend: %s", notes[-1])
-    program = edge.to_executorch().buffer
-    return Lowered(bytes(program), delegated, portable, dynamic, notes)
+    return Lowered(program, delegated, portable, dynamic, notes)
 
 
 class ExecuTorchProgram:
