@@ -35,7 +35,14 @@ Both quantizers calibrate on ``--calib-batches`` batches of 8 normal-noise image
 * file sizes, the ops XNNPACK runs, and the ops left to ExecuTorch's portable kernels.
 
 The digits CNN (trained on scikit-learn's digits in seconds) gives accuracy: the float
-model, fxcomp's INT8 reference graph, and its ``.pte``. ``--json PATH`` writes every number.
+model, fxcomp's INT8 reference graph, and its ``.pte``.
+
+Transformers (``--encoder``, on by default): a BERT encoder of MiniLM-L6's shape (384 wide,
+6 layers, random weights; ``examples/bench_transformers.py``'s), batch 1 x ``--length``
+tokens: the float ``.pte``, fxcomp's ``quantize_dynamic(engine="xnnpack")`` ``.pte`` (every
+Linear as XNNPACK's dynamically quantized linear), and PT2E's dynamic flow
+(``get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)``; the table
+gives its error where it fails), timed and compared on the last hidden state the same way. ``--json PATH`` writes every number.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ import fxcomp
 from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.nn.batchnorm import reestimate_batchnorm
-from fxcomp.passes import fuse, quantize
+from fxcomp.passes import fuse, quantize, quantize_dynamic
 from fxcomp.runtime.latency import median_latency
 from fxcomp.runtime.parity import sqnr
 
@@ -195,7 +202,76 @@ def digits_accuracy(work: Path) -> dict:
     }
 
 
-def tables_of(results: list[dict], digits: dict) -> list:
+def encoder_programs(length: int) -> dict:
+    """BERT (MiniLM-L6's shape): float, fxcomp dynamic INT8 and PT2E dynamic INT8 ``.pte``."""
+    from bench_transformers import encoder
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from fxcomp.cli.zoo import text_inputs
+
+    model, inputs = encoder(), text_inputs(1, length)
+    made = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key, passes in (("float", []), ("fxcomp", [quantize_dynamic(engine="xnnpack")])):
+            artifact = fxcomp.compile(
+                model, inputs, passes, "executorch", Path(tmp) / key, backend_options=SINGLE
+            ).artifact
+            made[key] = fxcomp.load_bundle(artifact.path).module
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    exported = torch.export.export(model, (), kwargs=inputs).module()
+    try:  # the peer: dynamic quantization needs no calibration
+        prepared = prepare_pt2e(exported, XNNPACKQuantizer().set_global(config))
+        converted = _Positional(convert_pt2e(prepared), list(inputs))
+        made["pt2e"] = ExecuTorchProgram(
+            lower(converted, tuple(inputs.values()), max_batch=1).program
+        )
+    except Exception as err:  # PT2E's prepare breaks Hugging Face BERT's exported graph
+        made["pt2e"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        print(f"pt2e fails: {made['pt2e']}")
+    with torch.no_grad():
+        reference = model(**inputs).last_hidden_state
+    x = tuple(inputs.values())
+    return {"programs": made, "inputs": x, "reference": reference}
+
+
+class _Positional(nn.Module):
+    """A keyword-input model called positionally, its first output only (for ``lower``)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.model(**dict(zip(self.names, inputs, strict=True)))
+        return out[0] if isinstance(out, tuple | list) else out.last_hidden_state
+
+
+def measure_encoder(args: argparse.Namespace) -> dict:
+    made = encoder_programs(args.length)
+    x = made["inputs"]
+    programs = {k: p for k, p in made["programs"].items() if not isinstance(p, str)}
+    failed = {k: p for k, p in made["programs"].items() if isinstance(p, str)}
+    outputs = {key: program(*x) for key, program in programs.items()}
+    first = {key: out[0] if isinstance(out, tuple) else out for key, out in outputs.items()}
+    for program in programs.values():
+        for _ in range(args.warmup):
+            program(*x)
+    runs = dict(programs)
+    runs["fxcomp (A/A)"] = programs["fxcomp"]
+    ms = {key: v[0] for key, v in median_latency(runs, [x], args.repeats).items()}
+    print("encoder: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
+    return {
+        "latency_ms": ms,
+        "sqnr_db": {key: sqnr(made["reference"], first[key]) for key in first},
+        "failed": failed,
+    }
+
+
+def tables_of(results: list[dict], digits: dict, encoder: dict | None) -> list:
     speed = []
     for r in results:
         ms, lite = r["latency_ms"], r["lite_latency_ms"]
@@ -222,7 +298,7 @@ def tables_of(results: list[dict], digits: dict) -> list:
         ]
         for r in results
     ]
-    return [
+    tables = [
         (
             speed,
             [
@@ -250,6 +326,20 @@ def tables_of(results: list[dict], digits: dict) -> list:
         ),
         ([[k, f"{v:.2f}"] for k, v in digits.items()], ["digits CNN", "test accuracy %"]),
     ]
+    if encoder is not None:
+        ms, db, failed = encoder["latency_ms"], encoder["sqnr_db"], encoder["failed"]
+        rows = [
+            [
+                name,
+                f"{ms[name]:.2f}" if name in ms else "fails",
+                f"{ms[name] / ms['float']:.3f}" if name in ms else "",
+                f"{db[name]:.2f}" if name in db else failed.get(name, ""),
+            ]
+            for name in (*PROGRAMS, "fxcomp (A/A)")
+        ]
+        headers = ["BERT 384x6, batch 1, .pte", "ms", "/ float", "SQNR dB vs float (or error)"]
+        tables.append((rows, headers))
+    return tables
 
 
 def main() -> None:
@@ -259,6 +349,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs of each program")
     parser.add_argument("--calib-batches", type=int, default=4, help="calibration batches of 8")
     parser.add_argument("--seed", type=int, default=1, help="seed of the noise batches")
+    parser.add_argument("--length", type=int, default=128, help="the encoder's tokens")
+    parser.add_argument(
+        "--encoder", action=argparse.BooleanOptionalAction, default=True, help="time BERT too"
+    )
     parser.add_argument("--lite-only", help=argparse.SUPPRESS)  # the separate timing process
     add_output_options(parser)
     args = parser.parse_args()
