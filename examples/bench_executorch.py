@@ -42,7 +42,8 @@ Transformers (``--encoder``, on by default): a BERT encoder of MiniLM-L6's shape
 tokens: the float ``.pte``, fxcomp's ``quantize_dynamic(engine="xnnpack")`` ``.pte`` (every
 Linear as XNNPACK's dynamically quantized linear), and PT2E's dynamic flow
 (``get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)``; the table
-gives its error where it fails), timed and compared on the last hidden state the same way. ``--json PATH`` writes every number.
+gives its error where it fails), timed and compared on the last hidden state the same way.
+``--json PATH`` writes every number.
 """
 
 from __future__ import annotations
@@ -366,9 +367,9 @@ def main() -> None:
         work = Path(tmp)
         results = [measure(name, args, work) for name in models]
         digits = digits_accuracy(work)
-    output(
-        "bench_executorch", args, tables_of(results, digits), {"models": results, "digits": digits}
-    )
+    encoder = measure_encoder(args) if args.encoder else None
+    numbers = {"models": results, "digits": digits, "encoder": encoder}
+    output("bench_executorch", args, tables_of(results, digits, encoder), numbers)
 
 
 if __name__ == "__main__":
