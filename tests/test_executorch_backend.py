@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from fresh_bundles import assert_reproduce_in_a_fresh_process
 from torch import nn
 
 import fxcomp
@@ -367,22 +368,6 @@ def test_transformer_dynamic_linears_run_in_xnnpack(name, tmp_path):
         assert "batch axis fixed at 2" in manifest["notes"][0]
 
 
-FRESH = """
-import json, sys, torch, fxcomp
-report = {}
-for path in sys.argv[1:]:
-    bundle = fxcomp.load_bundle(path)
-    x = bundle.sample_inputs[0]
-    rows = bundle(torch.cat([x, x, x]))
-    report[path] = {
-        "errors": bundle.verify(),
-        "rows_match": bool((rows[: len(x)] - bundle.sample_outputs[0]).abs().max()
-                           <= bundle.manifest["samples"]["atol"]),
-    }
-print(json.dumps(report))
-"""
-
-
 @pytest.mark.slow
 def test_torchvision_programs_match_their_reference_and_reload_in_a_fresh_process(tmp_path):
     paths = []
@@ -397,12 +382,4 @@ def test_torchvision_programs_match_their_reference_and_reload_in_a_fresh_proces
         assert not _portable_ops(manifest) & {"aten.convolution.default", *QUANTIZED_OPS}, name
         assert manifest["notes"] == [], name
         paths.append(str(result.artifact.path))
-    run = subprocess.run(
-        [sys.executable, "-c", FRESH, *paths], capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
-    assert set(report) == set(paths)
-    for path, figures in report.items():
-        assert figures["errors"] == [0.0], path
-        assert figures["rows_match"], path
+    assert_reproduce_in_a_fresh_process(paths)

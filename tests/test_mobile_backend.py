@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from fresh_bundles import assert_reproduce_in_a_fresh_process
 from torch import nn
 
 import fxcomp
@@ -318,23 +319,6 @@ def test_cli_refuses_a_kernel_engine_phones_do_not_run_before_any_work(tmp_path)
     assert run.returncode == 2 and "apply to --backend mobile or executorch only" in run.stderr
 
 
-FRESH = """
-import json, sys, torch, fxcomp
-report = {}
-for path in sys.argv[1:]:
-    bundle = fxcomp.load_bundle(path)
-    errors = bundle.verify()
-    x = bundle.sample_inputs[0]
-    rows = bundle(torch.cat([x, x]))
-    report[path] = {
-        "errors": errors,
-        "rows_match": bool((rows[: len(x)] - bundle.sample_outputs[0]).abs().max()
-                           <= bundle.manifest["samples"]["atol"]),
-    }
-print(json.dumps(report))
-"""
-
-
 @pytest.mark.slow
 def test_models_bundle_and_reproduce_in_a_fresh_process(digits_bundle, tmp_path):
     paths = [str(digits_bundle[2].artifact.path)]
@@ -352,15 +336,7 @@ def test_models_bundle_and_reproduce_in_a_fresh_process(digits_bundle, tmp_path)
         assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"], name
         assert result.artifact.manifest["inputs"][0]["dynamic_axes"] == [0], name
         paths.append(str(result.artifact.path))
-    run = subprocess.run(
-        [sys.executable, "-c", FRESH, *paths], capture_output=True, text=True, timeout=600
-    )
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout)
-    assert set(report) == set(paths)
-    for path, figures in report.items():
-        assert figures["errors"] == [0.0], path
-        assert figures["rows_match"], path
+    assert_reproduce_in_a_fresh_process(paths)
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from fxcomp.backends.base import Artifact, expected_outputs
-from fxcomp.backends.bundle import bundle_bytes, load_bundle, output_leaves
+from fxcomp.backends.base import Artifact, Backend, artifact_path, expected_outputs
+from fxcomp.backends.bundle import Bundle, bundle_bytes, load_bundle, output_leaves
 from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of
@@ -32,6 +32,7 @@ from fxcomp.runtime.parity import checked_parity
 
 __all__ = [
     "FILENAME",
+    "BundleBackend",
     "bundle_artifact",
     "check_app_options",
     "runs_one_more_row",
@@ -243,3 +244,17 @@ def bundle_artifact(
     path = out_dir / FILENAME
     written = _write_bundle(path, program, manifest, samples)
     return Artifact(backend, path, written, figures)
+
+
+class BundleBackend(Backend):
+    """A backend whose artifact is a bundle (``mobile``, ``executorch``)."""
+
+    def load(self, artifact: Artifact | Path | str) -> Bundle:
+        """Open a bundle written by ``emit`` (an ``Artifact`` or its path).
+
+        Example::
+
+            bundle = BACKENDS["executorch"].load("out/model.fxbundle")
+            bundle.verify()
+        """
+        return load_bundle(artifact_path(artifact))

@@ -30,9 +30,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact, Backend, artifact_path
-from fxcomp.backends.bundle import EXECUTORCH, Bundle, load_bundle
-from fxcomp.backends.bundle_manifest import bundle_artifact, check_app_options, runs_one_more_row
+from fxcomp.backends.base import Artifact
+from fxcomp.backends.bundle import EXECUTORCH
+from fxcomp.backends.bundle_manifest import (
+    BundleBackend,
+    bundle_artifact,
+    check_app_options,
+    runs_one_more_row,
+)
 from fxcomp.backends.executorch.decomposed import decomposed_graph
 from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
 from fxcomp.ir.errors import BackendError, InputError
@@ -100,7 +105,7 @@ def _max_rows(program: ExecuTorchProgram, asked: int, notes: list[str]) -> int:
     return asked
 
 
-class ExecuTorchBackend(Backend):
+class ExecuTorchBackend(BundleBackend):
     """An ExecuTorch ``.pte`` program for XNNPACK in a self-describing bundle (module
     docstring)."""
 
@@ -174,13 +179,3 @@ class ExecuTorchBackend(Backend):
             std=std,
             labels=labels,
         )
-
-    def load(self, artifact: Artifact | Path | str) -> Bundle:
-        """Open a bundle written by ``emit`` (an ``Artifact`` or its path).
-
-        Example::
-
-            bundle = ExecuTorchBackend().load("out/model.fxbundle")
-            bundle.verify()
-        """
-        return load_bundle(artifact_path(artifact))

@@ -28,9 +28,14 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact, Backend, artifact_path
-from fxcomp.backends.bundle import LITE, Bundle, load_bundle
-from fxcomp.backends.bundle_manifest import bundle_artifact, check_app_options, runs_one_more_row
+from fxcomp.backends.base import Artifact
+from fxcomp.backends.bundle import LITE
+from fxcomp.backends.bundle_manifest import (
+    BundleBackend,
+    bundle_artifact,
+    check_app_options,
+    runs_one_more_row,
+)
 from fxcomp.backends.mobile.lite import load_program
 from fxcomp.ir.errors import BackendError
 from fxcomp.pipeline.context import CompileContext
@@ -83,7 +88,7 @@ def _optimized(scripted: Any, optimize: bool) -> tuple[Any, dict[str, Any]]:
         return optimize_for_mobile(scripted), {"applied": True}
 
 
-class MobileBackend(Backend):
+class MobileBackend(BundleBackend):
     """A lite-interpreter program in a self-describing bundle (module docstring)."""
 
     name = "mobile"
@@ -148,13 +153,3 @@ class MobileBackend(Backend):
             std=std,
             labels=labels,
         )
-
-    def load(self, artifact: Artifact | Path | str) -> Bundle:
-        """Open a bundle written by ``emit`` (an ``Artifact`` or its path).
-
-        Example::
-
-            bundle = MobileBackend().load("out/model.fxbundle")
-            bundle.verify()
-        """
-        return load_bundle(artifact_path(artifact))
