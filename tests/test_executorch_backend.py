@@ -28,7 +28,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import BACKENDS, check_request
-from fxcomp.backends.bundle import MANIFEST, PROGRAMS, SAMPLES
+from fxcomp.backends.bundle import EXECUTORCH, MANIFEST, PROGRAMS, SAMPLES
 from fxcomp.backends.bundle_manifest import FILENAME
 from fxcomp.cli.calibration_data import photo_crops
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
@@ -40,7 +40,7 @@ from fxcomp.quant.config import QuantConfig
 from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.pipeline import calibrate, observe
 
-PTE = PROGRAMS["executorch"]
+PTE = PROGRAMS[EXECUTORCH]
 QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import BACKENDS
-from fxcomp.backends.bundle import FORMAT, MANIFEST, PROGRAMS, SAMPLES
+from fxcomp.backends.bundle import FORMAT, LITE, MANIFEST, PROGRAMS, SAMPLES
 from fxcomp.backends.bundle_manifest import FILENAME
 from fxcomp.cli.calibration_data import photo_crops
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
@@ -32,7 +32,7 @@ from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
-MODEL = PROGRAMS["lite-interpreter"]
+MODEL = PROGRAMS[LITE]
 DIGIT_LABELS = [str(d) for d in range(10)]
 
 

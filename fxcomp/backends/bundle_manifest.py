@@ -28,6 +28,7 @@ from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of
 from fxcomp.pipeline.context import CompileContext
+from fxcomp.quant.reference import QuantDequant
 from fxcomp.runtime.parity import checked_parity
 
 __all__ = [
@@ -84,7 +85,7 @@ def _output_step(gm: GraphModule) -> float | None:
     if not isinstance(out, Node):
         return None
     last = module_of(gm, out)
-    if last is not None and hasattr(last, "scale") and hasattr(last, "scheme"):
+    if isinstance(last, QuantDequant):
         return float(last.scale)
     if not (out.op == "call_method" and out.target == "dequantize"):
         return None

@@ -138,9 +138,7 @@ class ExecuTorchBackend(BundleBackend):
     ) -> Artifact:
         """Lower ``gm`` to an XNNPACK-delegated ``.pte``, verify it in ExecuTorch's runtime,
         and bundle it with its manifest and samples as ``out_dir/model.fxbundle``."""
-        check_app_options(mean, std, labels)
-        _check_max_batch(max_batch)
-        require_executorch()
+        self.check_options(mean=mean, std=std, labels=labels, max_batch=max_batch)
         engine = _quantized_engine(gm)
         inputs = tuple(ctx.config.example_inputs)
         lowered = lower(decomposed_graph(gm), inputs, max_batch=max_batch)
@@ -161,7 +159,7 @@ class ExecuTorchBackend(BundleBackend):
         def dynamic_batch(outputs: list[torch.Tensor], atol: float) -> bool:
             dynamic = lowered.dynamic_batch and runs_one_more_row(program, inputs, outputs, atol)
             rows = _max_rows(program, max_batch, lowered.notes) if dynamic else inputs[0].shape[0]
-            program.max_batch = fields["max_batch"] = rows
+            fields["max_batch"] = rows  # what the loaded bundle's program will refuse beyond
             return dynamic
 
         return bundle_artifact(

@@ -114,19 +114,18 @@ def _lowered(exported: Any) -> tuple[tuple[dict[str, int], list[dict[str, str]]]
 def _program(module: nn.Module, inputs: tuple, max_batch: int) -> tuple[Any, bytes, bool, list]:
     """The program lowered for XNNPACK with a dynamic batch axis where the model, export and
     ExecuTorch's passes allow it, else at the example's batch size (a note says why)."""
-    tensors = all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs)
-    if max_batch > 1 and tensors:
+    notes = []
+    if max_batch > 1 and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         try:
-            return (*_lowered(_dynamic_export(module, inputs, max_batch)), True, [])
+            return (*_lowered(_dynamic_export(module, inputs, max_batch)), True, notes)
         except Exception as err:  # any capture, partition or serialisation failure
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            note = (
+            notes.append(
                 f"batch axis fixed at {inputs[0].shape[0]}: the graph could not be lowered "
                 f"with a dynamic batch ({first})"
             )
-            log.info("executorch backend: %s", note)
-            return (*_lowered(torch.export.export(module, inputs, strict=False)), False, [note])
-    return (*_lowered(torch.export.export(module, inputs, strict=False)), False, [])
+            log.info("executorch backend: %s", notes[-1])
+    return (*_lowered(torch.export.export(module, inputs, strict=False)), False, notes)
 
 
 def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:

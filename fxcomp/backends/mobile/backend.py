@@ -118,7 +118,7 @@ class MobileBackend(BundleBackend):
     ) -> Artifact:
         """Save ``gm`` for the lite interpreter, verify it, and bundle it with its manifest and
         samples as ``out_dir/model.fxbundle``."""
-        check_app_options(mean, std, labels)
+        self.check_options(mean=mean, std=std, labels=labels, optimize=optimize)
         engine = _quantized_engine(gm)
         inputs = tuple(ctx.config.example_inputs)
         scripted, optimization = _optimized(script(gm, inputs, engine or ENGINE), optimize)
