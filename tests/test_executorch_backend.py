@@ -40,7 +40,7 @@ from fxcomp.quant.config import QuantConfig
 from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.pipeline import calibrate, observe
 
-PTE = PROGRAMS[EXECUTORCH]
+(PTE,) = PROGRAMS[EXECUTORCH]
 QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
 
 

@@ -32,7 +32,7 @@ from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.nn.batchnorm import reestimate_batchnorm
 from fxcomp.passes import fuse, quantize
 
-MODEL = PROGRAMS[LITE]
+(MODEL,) = PROGRAMS[LITE]
 DIGIT_LABELS = [str(d) for d in range(10)]
 
 

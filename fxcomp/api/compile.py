@@ -39,7 +39,7 @@ from fxcomp.quant.config import QuantConfig, declared_calibration_data, declared
 from fxcomp.reporting.files import write_report
 from fxcomp.reporting.html import artifact_figure
 from fxcomp.runtime.distributed import is_main_process
-from fxcomp.runtime.latency import median_latency
+from fxcomp.runtime.latency import median_latency, timing_method
 
 __all__ = ["CompileResult", "compile"]
 
@@ -196,6 +196,7 @@ def _record_artifact(
         models = {"float": floating, backend.name: backend.runner(artifact)}
         ms = median_latency(models, [ctx.config.example_inputs], rounds)
         summary["latency_ms"] = {name: values[0] for name, values in ms.items()}
+        summary["latency_timing"] = timing_method(models)
     ctx.state.report.artifacts.append(summary)
     ctx.state.figures["size_latency"] = lambda: artifact_figure(ctx.state.report)
 

@@ -19,6 +19,7 @@ from fxcomp.backends.base import Artifact, Backend
 from fxcomp.backends.executorch.backend import ExecuTorchBackend
 from fxcomp.backends.mobile.backend import MobileBackend
 from fxcomp.backends.onnx.backend import OnnxBackend
+from fxcomp.backends.openvino.backend import OpenVinoBackend
 from fxcomp.backends.torchscript import TorchScriptBackend
 from fxcomp.ir.errors import BackendError
 from fxcomp.quant.config import declared_config
@@ -26,7 +27,16 @@ from fxcomp.quant.config import declared_config
 __all__ = ["BACKENDS", "Artifact", "Backend", "check_request", "get_backend"]
 
 BACKENDS: Mapping[str, Backend] = MappingProxyType(
-    {b.name: b for b in (TorchScriptBackend(), OnnxBackend(), MobileBackend(), ExecuTorchBackend())}
+    {
+        b.name: b
+        for b in (
+            TorchScriptBackend(),
+            OnnxBackend(),
+            MobileBackend(),
+            ExecuTorchBackend(),
+            OpenVinoBackend(),
+        )
+    }
 )
 
 

@@ -1,7 +1,8 @@
 """The bundle: one zip file an app ships, with everything needed to feed and check it.
 
 ``model.fxbundle`` holds the program (``model.ptl`` for the PyTorch lite interpreter, from
-the ``mobile`` backend; ``model.pte`` for ExecuTorch, from the ``executorch`` backend),
+the ``mobile`` backend; ``model.pte`` for ExecuTorch, from the ``executorch`` backend;
+``model.xml`` and ``model.bin``, an OpenVINO IR, from the ``openvino`` backend),
 ``manifest.json`` (the runtime, inputs with their dynamic axes, outputs, preprocessing,
 labels, engine, per-layer quantization, versions, the sha256 of every other member) and
 ``samples.safetensors`` (sample inputs and the outputs they must give, no pickle).
@@ -43,6 +44,7 @@ __all__ = [
     "FORMAT",
     "LITE",
     "MANIFEST",
+    "OPENVINO",
     "PROGRAMS",
     "SAMPLES",
     "Bundle",
@@ -54,10 +56,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-LITE, EXECUTORCH = "lite-interpreter", "executorch"
-PROGRAMS = {LITE: "model.ptl", EXECUTORCH: "model.pte"}  # the program member, by runtime
-# where each runtime's ``open_program(program, manifest, path)`` lives (imported when used)
-_OPENERS = {LITE: "fxcomp.backends.mobile.lite", EXECUTORCH: "fxcomp.backends.executorch.program"}
+LITE, EXECUTORCH, OPENVINO = "lite-interpreter", "executorch", "openvino"
+# the program's members, by runtime
+PROGRAMS = {LITE: ("model.ptl",), EXECUTORCH: ("model.pte",), OPENVINO: ("model.xml", "model.bin")}
+# where each runtime's ``open_program(members, manifest, path)`` lives (imported when used)
+_OPENERS = {
+    LITE: "fxcomp.backends.mobile.lite",
+    EXECUTORCH: "fxcomp.backends.executorch.program",
+    OPENVINO: "fxcomp.backends.openvino.runtime",
+}
 MANIFEST = "manifest.json"
 SAMPLES = "samples.safetensors"
 
@@ -73,37 +80,38 @@ def _sha256(data: bytes) -> str:
 
 
 def bundle_bytes(
-    program: bytes,
+    program: Mapping[str, bytes],
     manifest: Mapping[str, Any],
     samples: Mapping[str, torch.Tensor],
 ) -> bytes:
-    """The bundle file's bytes: ``program`` (for the runtime ``manifest["runtime"]`` names),
-    ``manifest`` (the format and the checksums and sizes of the other members are filled in
-    here) and the ``samples`` tensors.
+    """The bundle file's bytes: the ``program``'s members (those ``PROGRAMS`` lists for the
+    runtime ``manifest["runtime"]`` names), ``manifest`` (the format and the checksums and
+    sizes of the other members are filled in here) and the ``samples`` tensors.
 
     Example::
 
-        data = bundle_bytes(ptl, {"runtime": LITE, "inputs": [...]}, {"input": x, "output": y})
+        data = bundle_bytes({"model.ptl": ptl}, {"runtime": LITE, "inputs": [...]},
+                            {"input": x, "output": y})
     """
-    tensors = save_tensors({name: t.contiguous() for name, t in samples.items()})
+    if sorted(program) != sorted(PROGRAMS[manifest["runtime"]]):
+        raise ValueError(f"a {manifest['runtime']} program is {PROGRAMS[manifest['runtime']]}")
+    members = {**program, SAMPLES: save_tensors({n: t.contiguous() for n, t in samples.items()})}
     manifest = dict(manifest)
     manifest["format"] = FORMAT
-    member = PROGRAMS[manifest["runtime"]]
     manifest["members"] = {
-        member: {"sha256": _sha256(program), "bytes": len(program)},
-        SAMPLES: {"sha256": _sha256(tensors), "bytes": len(tensors)},
+        name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in members.items()
     }
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=2))
-        archive.writestr(member, program)
-        archive.writestr(SAMPLES, tensors)
+        for name, data in members.items():
+            archive.writestr(name, data)
     return buffer.getvalue()
 
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the lite-interpreter module, its manifest and its samples."""
+    """A loaded bundle: its program, loaded by its runtime, its manifest and its samples."""
 
     module: Any  # the loaded program, called with tensors
     manifest: dict[str, Any]
@@ -195,7 +203,7 @@ def _runtime(manifest: dict[str, Any], path: Path) -> str:
     return runtime
 
 
-def _open(runtime: str, program: bytes, manifest: dict[str, Any], path: Path) -> Any:
+def _open(runtime: str, program: dict[str, bytes], manifest: dict[str, Any], path: Path) -> Any:
     made_with = manifest.get("versions", {}).get("torch")
     if made_with != torch.__version__:
         log.warning("%s was made with torch %s, this is %s", path, made_with, torch.__version__)
@@ -203,8 +211,8 @@ def _open(runtime: str, program: bytes, manifest: dict[str, Any], path: Path) ->
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Open a bundle written by the ``mobile`` or ``executorch`` backend: check its format
-    version and checksums, load its program with its runtime, read its samples.
+    """Open a bundle written by the ``mobile``, ``executorch`` or ``openvino`` backend: check
+    its format version and checksums, load its program with its runtime, read its samples.
 
     Example::
 
@@ -221,7 +229,7 @@ def load_bundle(path: str | Path) -> Bundle:
     with archive:
         manifest = _manifest(archive, path)
         runtime = _runtime(manifest, path)
-        program = _checked(archive, manifest, PROGRAMS[runtime], path)
+        program = {name: _checked(archive, manifest, name, path) for name in PROGRAMS[runtime]}
         samples = _checked(archive, manifest, SAMPLES, path)
     try:
         tensors = load_tensors(samples)

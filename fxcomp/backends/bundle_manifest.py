@@ -1,12 +1,12 @@
-"""What the bundling backends (``mobile``, ``executorch``) record about one program: the
-app's options (normalisation, labels), the inputs and outputs with their dynamic axes,
+"""What the bundling backends (``mobile``, ``executorch``, ``openvino``) record about one
+program: the app's options (normalisation, labels), the inputs and outputs with their dynamic axes,
 the tolerance its samples are held to, and the bundle written atomically once it loads
 back and reproduces them.
 
 Example::
 
     check_app_options(mean, std, labels)
-    artifact = bundle_artifact("mobile", gm, ctx, out_dir, program=ptl, run=module,
+    artifact = bundle_artifact("mobile", gm, ctx, out_dir, program={"model.ptl": ptl}, run=module,
                                fields={"runtime": LITE, ...}, quantized=True, what="lite",
                                dynamic_batch=lambda outputs, atol: True)
 """
@@ -183,7 +183,10 @@ def _bundle_contents(
 
 
 def _write_bundle(
-    path: Path, program: bytes, manifest: Mapping[str, Any], samples: Mapping[str, torch.Tensor]
+    path: Path,
+    program: Mapping[str, bytes],
+    manifest: Mapping[str, Any],
+    samples: Mapping[str, torch.Tensor],
 ) -> dict[str, Any]:
     """Write the bundle beside ``path``, load it back, re-run its samples, and only then
     rename it into place; the manifest as written."""
@@ -202,7 +205,7 @@ def bundle_artifact(
     ctx: CompileContext,
     out_dir: Path,
     *,
-    program: bytes,
+    program: Mapping[str, bytes],
     run: Callable[..., Any],
     fields: dict[str, Any],
     quantized: bool,
@@ -248,7 +251,7 @@ def bundle_artifact(
 
 
 class BundleBackend(Backend):
-    """A backend whose artifact is a bundle (``mobile``, ``executorch``)."""
+    """A backend whose artifact is a bundle (``mobile``, ``executorch``, ``openvino``)."""
 
     def load(self, artifact: Artifact | Path | str) -> Bundle:
         """Open a bundle written by ``emit`` (an ``Artifact`` or its path).

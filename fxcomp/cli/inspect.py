@@ -78,7 +78,6 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
         )
 
     runtime = manifest.get("runtime", LITE)
-    program = PROGRAMS[runtime]
     layers = manifest.get("layers", [])
     int8 = sum(1 for layer in layers if layer["precision"] == "int8")
     pre = manifest.get("preprocessing")
@@ -95,7 +94,10 @@ def _manifest_table(manifest: dict[str, Any]) -> str:
         ["runtime", runtime],
         *([["bytecode", manifest["bytecode_version"]]] if runtime == LITE else []),
         *_delegation_rows(manifest.get("delegation")),
-        [program, f"{manifest['members'][program]['bytes'] / 2**20:.2f} MiB"],
+        *[
+            [name, f"{manifest['members'][name]['bytes'] / 2**20:.2f} MiB"]
+            for name in PROGRAMS[runtime]
+        ],
         *[[key, f"{value:.4g}"] for key, value in manifest.get("parity", {}).items()],
         *[["note", note] for note in manifest.get("notes", ())],
     ]

@@ -14,7 +14,9 @@ average pooling its own output grid (``ort``) it is observed as an own-grid op,
 and its ReLU. On engines whose runtime fuses a convolution into the residual add it feeds
 (``tensorrt``), a convolution whose only user is an add keeps a float output: only the add's
 other input is quantized, the placement TensorRT's guide gives for Conv + Add (+ ReLU) to
-run as one INT8 kernel (``_residual_convs``). Kinds of op an engine's runtime runs in float
+run as one INT8 kernel (``_residual_convs``); a convolution's hardswish or hard sigmoid
+likewise takes no Q/DQ step before it where the runtime fuses it (``Engine.fused_kinds``:
+``openvino``). Kinds of op an engine's runtime runs in float
 (``Engine.float_kinds``: hardswish and the sigmoids on ``xnnpack``) stay float.
 """
 
@@ -114,6 +116,10 @@ def insert_observers(
     quantized = {n for n in gm.graph.nodes if n.meta.get(QUANT_KIND) == "observer"}
     observed: dict[Node, Node] = {}
     fused = qdq and config.target.fuses_residual_add
+
+    def fused_after(user: Node) -> bool:  # an activation the runtime fuses into its producer
+        return is_clamp(gm, user) or kind_of(gm, user, skip) in config.target.fused_kinds
+
     residual = _residual_convs(gm, skip, options.only_nodes) if fused else set()
 
     def ensure_observed(value: Node) -> Node:
@@ -148,9 +154,10 @@ def insert_observers(
                 before = len(observed)
                 node.replace_input_with(value, ensure_observed(value))
                 added += len(observed) - before
-            if qdq and kind == "weighted" and len(users) == 1 and is_clamp(gm, users[0]):
+            if qdq and kind == "weighted" and len(users) == 1 and fused_after(users[0]):
                 # Conv -> ReLU6 -> Q/DQ, not Conv -> Q/DQ -> ReLU6: QDQ runtimes fuse the
-                # clamp into the Conv only when no Q/DQ step separates them
+                # clamp (OpenVINO also hardswish, hard sigmoid) into the Conv only when no
+                # Q/DQ step separates them
                 node = users[0]
                 node.meta[QUANT_KIND] = "shared"
                 quantized.add(node)

@@ -12,6 +12,11 @@ saturate on full-range weights. ``xnnpack`` (ExecuTorch's XNNPACK delegate, as P
 ``XNNPACKQuantizer`` targets it): activations int8 affine over the full range, weights int8
 symmetric per output channel in [-127, 127], average pooling on a grid of its own (XNNPACK's
 quantized mean takes input and output grids), hardswish and the sigmoids in float.
+``openvino`` (OpenVINO's CPU plugin, reading Q/DQ ONNX): activations uint8 affine over the
+full range (its u8 convolutions run at the speed of its i8 ones, and a ReLU's output keeps
+all 256 levels), weights as ``ort`` (7-bit on CPUs without VNNI, as NNCF's overflow fix),
+and no Q/DQ step between a convolution and the hardswish or hard-sigmoid after it, which
+OpenVINO fuses into the convolution only then.
 
 Example::
 
@@ -115,6 +120,10 @@ class Engine:
     # which therefore get no grid of their own: ExecuTorch's XNNPACK delegate takes
     # hardswish and the sigmoids in float only (PT2E's XNNPACKQuantizer leaves them so too).
     float_kinds: frozenset[str] = frozenset()
+    # Kinds of activation the runtime fuses into the convolution or linear before it when no
+    # Q/DQ step separates them (as QDQ runtimes all do with ReLU and clamps): OpenVINO takes
+    # hardswish and the hard sigmoid as post-ops, and runs them in float between Q/DQ steps.
+    fused_kinds: frozenset[str] = frozenset()
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -125,17 +134,38 @@ _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
 
 _TORCHSCRIPT, _MOBILE, _ONNX = ("torchscript",), ("torchscript", "mobile"), ("onnx",)
-_EXECUTORCH = ("executorch",)
+_EXECUTORCH, _OPENVINO = ("executorch",), ("openvino",)
 
 ENGINES: dict[str, Engine] = {
     "x86": Engine("x86", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
     "fbgemm": Engine("fbgemm", _UINT8_7BIT, _WEIGHT, True, _TORCHSCRIPT),
     "qnnpack": Engine("qnnpack", _UINT8, _WEIGHT_NARROW, True, _MOBILE),
     "tensorrt": Engine(
-        "tensorrt", _INT8_SYMMETRIC, _WEIGHT_NARROW, False, _ONNX, fuses_residual_add=True
+        "tensorrt",
+        _INT8_SYMMETRIC,
+        _WEIGHT_NARROW,
+        False,
+        _ONNX + _OPENVINO,
+        fuses_residual_add=True,
     ),
     "ort": Engine(
-        "ort", _UINT8, _WEIGHT_NARROW, False, _ONNX, narrows_weights=True, pools_on_own_grid=True
+        "ort",
+        _UINT8,
+        _WEIGHT_NARROW,
+        False,
+        _ONNX + _OPENVINO,
+        narrows_weights=True,
+        pools_on_own_grid=True,
+    ),
+    "openvino": Engine(
+        "openvino",
+        _UINT8,
+        _WEIGHT_NARROW,
+        False,
+        _OPENVINO,
+        narrows_weights=True,
+        pools_on_own_grid=True,
+        fused_kinds=frozenset({"hardswish", "fixed"}),
     ),
     "xnnpack": Engine(
         "xnnpack",

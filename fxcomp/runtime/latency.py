@@ -8,6 +8,13 @@ through every order of the models in turn: a model that always ran right after a
 large batch would pay for that batch's effect on the caches and clocks (rotating one order
 keeps who follows whom).
 
+Runtimes with thread pools of their own (OpenVINO, ONNX Runtime, ExecuTorch: a callable
+says so by a ``thread_pool`` attribute; PyTorch's OpenMP pool is the default) must not run
+right after another pool's work: threads still spinning from the last call compete for the
+same cores. When the models use more than one pool, each call that follows another pool's
+is preceded by a pause of ``SETTLE_S`` and one untimed call (``timing_method`` says which
+way a set of models is timed, for the table).
+
 Example::
 
     ms = median_latency({"float": model, "int8": int8}, [(x,)], rounds=50)
@@ -29,7 +36,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["describe_cpu", "median_latency"]
+__all__ = ["SETTLE_S", "describe_cpu", "median_latency", "thread_pool", "timing_method"]
+
+SETTLE_S = 0.02  # long enough for a pool's spinning threads to go to sleep
 
 # the instructions that decide which int8 kernels a CPU runs, as torch reports them
 _INT8_FEATURES = (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"), ("amx_int8", "AMX"))
@@ -65,19 +74,45 @@ def _orders(names: list[str], count: int) -> list[tuple[str, ...]]:
     return [tuple(shuffler.sample(names, len(names))) for _ in range(count)]
 
 
+def thread_pool(model: Callable[..., Any]) -> str:
+    """The thread pool ``model`` runs on: its ``thread_pool`` attribute (or its loaded
+    program's, for a bundle), else PyTorch's."""
+    found = getattr(model, "thread_pool", None) or getattr(
+        getattr(model, "module", None), "thread_pool", None
+    )
+    return found or "torch"
+
+
+def timing_method(models: Mapping[str, Callable[..., Any]]) -> str:
+    """How ``median_latency`` times these models: interleaved call by call, or, when they
+    use more than one thread pool, with a pause and an untimed call at each change of pool.
+    """
+    pools = {thread_pool(model) for model in models.values()}
+    if len(pools) == 1:
+        return "interleaved"
+    return f"interleaved; {SETTLE_S * 1e3:.0f} ms pause and one untimed call at each change of pool"
+
+
 def median_latency(
     models: Mapping[str, Callable[..., Any]], inputs: Sequence[tuple[Any, ...]], rounds: int
 ) -> dict[str, list[float]]:
     """Median milliseconds of each model on each input tuple, over ``rounds`` interleaved
     rounds (one warm-up round first). Round ``r`` runs the models in the ``r``-th of all
     their orders (a seeded shuffle when there are more than five models), so that no model
-    always follows the same one."""
+    always follows the same one; models on different thread pools are kept apart (module
+    docstring)."""
     times: dict[str, list[list[float]]] = {name: [[] for _ in inputs] for name in models}
     orders = _orders(list(models), rounds + 1)
+    pools = {name: thread_pool(model) for name, model in models.items()}
+    last = None
     with torch.no_grad():
         for round_, order in enumerate(orders):
             for i, args in enumerate(inputs):
                 for name in order:
+                    if last is not None and pools[name] != last:
+                        time.sleep(SETTLE_S)
+                        models[name](*args)
+                    last = pools[name]
                     start = time.perf_counter()
                     models[name](*args)
                     if round_:

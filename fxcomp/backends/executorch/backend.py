@@ -31,7 +31,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcomp.backends.base import Artifact
-from fxcomp.backends.bundle import EXECUTORCH
+from fxcomp.backends.bundle import EXECUTORCH, PROGRAMS
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
     bundle_artifact,
@@ -167,7 +167,7 @@ class ExecuTorchBackend(BundleBackend):
             gm,
             ctx,
             out_dir,
-            program=lowered.program,
+            program={PROGRAMS[EXECUTORCH][0]: lowered.program},
             run=program,
             fields=fields,
             quantized=engine is not None,

@@ -12,7 +12,7 @@ ExecuTorch's runtime as a callable. ExecuTorch is an optional extra: without it 
 Example::
 
     lowered = lower(decomposed_gm, (x,), max_batch=16)
-    program = open_program(lowered.program, {}, Path("model.pte"))
+    program = open_program({"model.pte": lowered.program}, {}, Path("model.pte"))
     logits = program(x)
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,10 @@ def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:
 class ExecuTorchProgram:
     """A ``.pte`` program loaded by ExecuTorch's runtime, called with torch tensors; one
     output comes back as a tensor, several as a tuple. Its memory is planned for batches of
-    up to ``max_batch`` rows (None: not known)."""
+    up to ``max_batch`` rows (None: not known). Its work runs on XNNPACK's thread pool,
+    which timing keeps apart from PyTorch's (``fxcomp.runtime.latency``)."""
+
+    thread_pool = "executorch"
 
     def __init__(self, program: bytes, max_batch: int | None = None) -> None:
         from executorch.runtime import Runtime
@@ -172,10 +176,13 @@ class ExecuTorchProgram:
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
-def open_program(program: bytes, manifest: dict[str, Any], path: Path) -> ExecuTorchProgram:
-    """A bundle's ``.pte`` program loaded by ExecuTorch's runtime; ``BackendError`` when the
-    runtime refuses it."""
+def open_program(
+    members: Mapping[str, bytes], manifest: dict[str, Any], path: Path
+) -> ExecuTorchProgram:
+    """A bundle's ``.pte`` program (its one member) loaded by ExecuTorch's runtime;
+    ``BackendError`` when the runtime refuses it."""
     require_executorch()
+    (program,) = members.values()
     try:
         return ExecuTorchProgram(program, manifest.get("max_batch"))
     except Exception as err:

@@ -29,7 +29,7 @@ import torch
 from torch.fx import GraphModule
 
 from fxcomp.backends.base import Artifact
-from fxcomp.backends.bundle import LITE
+from fxcomp.backends.bundle import LITE, PROGRAMS
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
     bundle_artifact,
@@ -143,7 +143,7 @@ class MobileBackend(BundleBackend):
             gm,
             ctx,
             out_dir,
-            program=program,
+            program={PROGRAMS[LITE][0]: program},
             run=module,
             fields=fields,
             quantized=engine is not None,

@@ -8,6 +8,7 @@ Example::
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,11 @@ def load_program(program: bytes, engine: str | None) -> tuple[Any, int]:
         return _load_for_lite_interpreter(io.BytesIO(program)), bytecode
 
 
-def open_program(program: bytes, manifest: dict[str, Any], path: Path) -> Any:
-    """A bundle's lite-interpreter module; ``BackendError`` when this torch cannot load it
-    or its bytecode version is not the manifest's."""
+def open_program(members: Mapping[str, bytes], manifest: dict[str, Any], path: Path) -> Any:
+    """A bundle's lite-interpreter module (its one member, ``model.ptl``); ``BackendError``
+    when this torch cannot load it or its bytecode version is not the manifest's."""
     made_with = manifest.get("versions", {}).get("torch")
+    (program,) = members.values()
     try:
         module, bytecode = load_program(program, manifest.get("engine"))
     except Exception as err:

@@ -46,7 +46,7 @@ from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.runtime.parity import FLOAT_SQNR_DB, checked_parity
 
-__all__ = ["FILENAME", "OPSET", "OnnxBackend", "export", "run", "session"]
+__all__ = ["FILENAME", "OPSET", "OnnxBackend", "SessionRunner", "export", "run", "session"]
 
 FILENAME = "model.onnx"
 OPSET = 17
@@ -341,5 +341,18 @@ class OnnxBackend(Backend):
 
     def runner(self, artifact: Artifact | Path | str) -> Callable[..., Any]:
         """The session wrapped to take torch tensors and return the first output."""
-        loaded = self.load(artifact)
-        return lambda *inputs: run(loaded, inputs)
+        return SessionRunner(self.load(artifact))
+
+
+class SessionRunner:
+    """An ONNX Runtime session called with torch tensors (``run``); its work runs on ONNX
+    Runtime's thread pool, which timing keeps apart from PyTorch's
+    (``fxcomp.runtime.latency``)."""
+
+    thread_pool = "onnxruntime"
+
+    def __init__(self, loaded: ort.InferenceSession) -> None:
+        self.session = loaded
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return run(self.session, inputs)

@@ -1,0 +1,6 @@
+"""The OpenVINO backend (``fxcomp.backends.openvino.backend``) and runtime.
+
+Example::
+
+    from fxcomp.backends.openvino.backend import OpenVinoBackend
+"""
