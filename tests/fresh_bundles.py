@@ -1,9 +1,13 @@
 """Bundles loaded in a fresh process: each must reproduce its samples exactly and give the
-same rows when run on twice as many."""
+same rows when run on twice as many; and bundles rewritten to test what a damaged one does."""
 
 import json
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+
+from fxcomp.backends.bundle import MANIFEST
 
 FRESH = """
 import json, sys, torch, fxcomp
@@ -33,3 +37,15 @@ def assert_reproduce_in_a_fresh_process(paths: list[str]) -> None:
     for path, figures in report.items():
         assert figures["errors"] == [0.0], path
         assert figures["rows_match"], path
+
+
+def rewrite_bundle(source: Path, target: Path, change) -> Path:
+    """``source`` copied to ``target`` with ``change(manifest, members)`` applied."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        manifest = json.loads(old.read(MANIFEST))
+        members = {name: old.read(name) for name in old.namelist() if name != MANIFEST}
+        change(manifest, members)
+        for name, data in members.items():
+            new.writestr(name, data)
+        new.writestr(MANIFEST, json.dumps(manifest))
+    return target

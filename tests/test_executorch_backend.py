@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import json
 import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from fresh_bundles import assert_reproduce_in_a_fresh_process
+from fresh_bundles import assert_reproduce_in_a_fresh_process, rewrite_bundle
 from torch import nn
 
 import fxcomp
@@ -282,17 +280,6 @@ def test_without_executorch_the_backend_says_how_to_get_it(monkeypatch):
     assert "pip install 'fxcomp[executorch]'" in str(err.value)
 
 
-def _rewrite(source: Path, target: Path, change) -> Path:
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
-        manifest = json.loads(old.read(MANIFEST))
-        members = {name: old.read(name) for name in old.namelist() if name != MANIFEST}
-        change(manifest, members)
-        for name, data in members.items():
-            new.writestr(name, data)
-        new.writestr(MANIFEST, json.dumps(manifest))
-    return target
-
-
 def _garble_program(manifest, members):
     """A damaged program whose checksum was made to match: the runtime must refuse it."""
     program = bytearray(members[PTE])
@@ -320,7 +307,7 @@ def _unknown_runtime(manifest, members):
     ],
 )
 def test_a_damaged_bundle_is_refused_naming_what_is_wrong(digits, tmp_path, change, message):
-    damaged = _rewrite(digits[2].artifact.path, tmp_path / "damaged.fxbundle", change)
+    damaged = rewrite_bundle(digits[2].artifact.path, tmp_path / "damaged.fxbundle", change)
     with pytest.raises(BackendError, match=message):
         fxcomp.load_bundle(damaged)
 

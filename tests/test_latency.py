@@ -3,10 +3,18 @@ the benchmarks)."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from itertools import pairwise
 
-from fxcomp.runtime.latency import _orders, describe_cpu, median_latency
+from fxcomp.runtime.latency import (
+    SETTLE_S,
+    _orders,
+    describe_cpu,
+    median_latency,
+    thread_pool,
+    timing_method,
+)
 
 
 def test_rounds_go_through_every_order_so_no_model_always_follows_the_same_one():
@@ -30,3 +38,28 @@ def test_median_latency_times_every_model_on_every_input_and_names_the_cpu():
     assert set(ms) == {"a", "b"} and all(len(v) == 2 for v in ms.values())
     assert set(calls.values()) == {5}  # a warm-up round, then 4 timed
     assert "cores)" in describe_cpu()
+
+
+class _OnPool:
+    """A model on a thread pool of its own, recording when it runs."""
+
+    def __init__(self, pool: str, log: list) -> None:
+        self.thread_pool, self.log = pool, log
+
+    def __call__(self, x):
+        self.log.append((self.thread_pool, time.perf_counter()))
+
+
+def test_models_on_other_thread_pools_are_kept_apart_by_a_pause_and_an_untimed_call():
+    log: list = []
+    models = {"torch": lambda x: log.append(("torch", time.perf_counter()))}
+    models["openvino"] = _OnPool("openvino", log)
+    assert timing_method({"a": models["torch"]}) == "interleaved"
+    assert "pause and one untimed call" in timing_method(models)
+    assert thread_pool(models["openvino"]) == "openvino" and thread_pool(print) == "torch"
+    median_latency(models, [(1,)], rounds=4)
+    # 5 rounds of 2 models, in the orders (torch, openvino), (openvino, torch), ...: the pool
+    # changes once in each round, and each change brings a pause and one untimed call
+    changes = [(a, b) for a, b in pairwise(log) if a[0] != b[0]]
+    assert len(changes) == 5 and len(log) == 2 * 5 + 5
+    assert all(b[1] - a[1] >= SETTLE_S for a, b in changes)

@@ -29,7 +29,7 @@ from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.runtime.parity import checked_parity
+from fxcomp.runtime.parity import FLOAT_SQNR_DB, checked_parity
 
 __all__ = [
     "FILENAME",
@@ -214,12 +214,13 @@ def bundle_artifact(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     labels: Sequence[str] | None = None,
+    min_db: float = FLOAT_SQNR_DB,
 ) -> Artifact:
     """Run ``program`` (loaded as ``run``) on the example inputs, check it against the
-    reference graph and the float model, ask ``dynamic_batch(outputs, atol)`` whether the
-    batch axis is dynamic, and write the bundle, with ``fields`` and the parity figures in
-    its manifest, as ``out_dir/model.fxbundle`` once it loads back and reproduces its
-    samples."""
+    reference graph and the float model (a float program to ``min_db``), ask
+    ``dynamic_batch(outputs, atol)`` whether the batch axis is dynamic, and write the
+    bundle, with ``fields`` and the parity figures in its manifest, as
+    ``out_dir/model.fxbundle`` once it loads back and reproduces its samples."""
     inputs = tuple(ctx.config.example_inputs)
     with torch.no_grad():
         outputs = output_leaves(run(*inputs))
@@ -230,6 +231,7 @@ def bundle_artifact(
         float_outputs=ctx.state.float_outputs,
         quantized=quantized,
         what=what,
+        min_db=min_db,
     )
     atol, atol_is = _sample_tolerance(gm, outputs, quantized)
     dynamic = dynamic_batch(outputs, atol)

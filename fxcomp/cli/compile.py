@@ -31,7 +31,7 @@ from fxcomp.ir.graph import state_size
 __all__ = ["compile_command"]
 
 # flags that go to the passes that take them (``fxcomp.cli.options.passes_from_flags``)
-_BUNDLING = ("mobile", "executorch")  # the backends that take --mean, --std, --labels
+_BUNDLING = ("mobile", "executorch", "openvino")  # the backends that take --mean, --std, --labels
 
 _PASS_FLAGS = (
     "ratio",
@@ -116,15 +116,27 @@ _PASS_FLAGS = (
     help="torchscript: fbgemm/qnnpack kernels (engines x86, fbgemm, qnnpack); onnx: float or "
     "QDQ for TensorRT (--engine tensorrt) or ONNX Runtime (--engine ort); mobile: a lite "
     "interpreter bundle (--engine qnnpack); executorch: an ExecuTorch .pte bundle for XNNPACK "
-    "(--engine xnnpack).",
+    "(--engine xnnpack); openvino: an OpenVINO IR bundle (--engine openvino, ort or tensorrt).",
 )
-@click.option("--mean", help="mobile, executorch: per-channel input mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", help="mobile, executorch: per-channel input std the app divides by.")
+@click.option("--mean", help="bundles: per-channel input mean, e.g. 0.485,0.456,0.406.")
+@click.option("--std", help="bundles: per-channel input std the app divides by.")
 @click.option(
     "--labels",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    help="mobile, executorch: a text file with one class label per line.",
+    help="bundles (mobile, executorch, openvino): a text file with one class label per line.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["f32", "bf16"]),
+    help="openvino: the inference precision of the float parts [default: f32].",
+)
+@click.option(
+    "--hint",
+    type=click.Choice(["latency", "throughput"]),
+    help="openvino: the performance hint [default: latency].",
+)
+@click.option("--streams", type=click.IntRange(min=1), help="openvino: inference streams.")
+@click.option("--threads", type=click.IntRange(min=1), help="openvino: inference threads.")
 @click.option(
     "--analyze",
     "with_analysis",
@@ -151,6 +163,10 @@ def compile_command(
     mean: str | None,
     std: str | None,
     labels: Path | None,
+    precision: str | None,
+    hint: str | None,
+    streams: int | None,
+    threads: int | None,
     with_analysis: bool,
     latency_rounds: int,
     output_dir: Path,
@@ -161,7 +177,8 @@ def compile_command(
     """Compile MODEL with --passes and write a --backend artifact, report.json and
     report.html to -o DIR. Pass flags (--ratio, --engine, ...) go to the passes that take
     them."""
-    options = _backend_options(backend, mean, std, labels)
+    runtime = {"precision": precision, "hint": hint, "streams": streams, "threads": threads}
+    options = _backend_options(backend, mean, std, labels, runtime)
     shape = parse_shape(input_shape)
     data = calibration_batches(calib, shape, batches=calib_batches)
     flags = given_flags(ctx, _PASS_FLAGS)
@@ -197,8 +214,11 @@ def compile_command(
         ],
         *[[key, f"{value:.4g}"] for key, value in artifact.parity.items()],
     ]
-    for name, value in (result.report.artifacts[0].get("latency_ms") or {}).items():
+    summary = result.report.artifacts[0]
+    for name, value in (summary.get("latency_ms") or {}).items():
         rows.append([f"latency {name}", f"{value:.3f} ms (median of {latency_rounds})"])
+    if summary.get("latency_ms"):
+        rows.append(["timing", summary["latency_timing"]])
     rows.append(["report", str(output_dir / "report.html")])
     if backend == "onnx":
         rows.append(["trtexec", _trtexec(artifact.path, shape, artifact.manifest["engine"])])
@@ -206,15 +226,24 @@ def compile_command(
 
 
 def _backend_options(
-    backend: str, mean: str | None, std: str | None, labels: Path | None
+    backend: str,
+    mean: str | None,
+    std: str | None,
+    labels: Path | None,
+    runtime: dict[str, Any],
 ) -> dict[str, Any]:
-    """The bundling backends' options from --mean, --std and --labels."""
+    """The bundling backends' options from --mean, --std and --labels, and OpenVINO's from
+    --precision, --hint, --streams and --threads."""
     given = {"mean": mean, "std": std, "labels": labels}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if options and backend not in _BUNDLING:
         raise InputError(
             f"--{', --'.join(options)} apply to --backend {' or '.join(_BUNDLING)} only"
         )
+    chosen = {k: v for k, v in runtime.items() if v is not None}
+    if chosen and backend != "openvino":
+        raise InputError(f"--{', --'.join(chosen)} apply to --backend openvino only")
+    options.update(chosen)
     for key in ("mean", "std"):
         if key in options:
             try:

@@ -3,7 +3,8 @@
 A float graph is exported to ONNX (``fxcomp.backends.onnx.backend.export``, batch axis
 dynamic) and converted to IR; its float parts run in the inference precision the options
 name (``f32`` by default, ``bf16`` where asked), recorded in the manifest, never the CPU's
-default. A quantized graph must be a reference graph for ``openvino`` (uint8 affine
+default (a bf16 IR is first checked in f32, then its figures are recorded as they are).
+A quantized graph must be a reference graph for ``openvino`` (uint8 affine
 activations, int8 symmetric per-channel weights, no Q/DQ step between a convolution and the
 activation OpenVINO fuses into it), ``ort`` or ``tensorrt``: its Q/DQ pairs become
 OpenVINO's FakeQuantize steps, which its low-precision transformations turn into INT8
@@ -35,7 +36,7 @@ import onnx
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact
+from fxcomp.backends.base import Artifact, expected_outputs
 from fxcomp.backends.bundle import OPENVINO, PROGRAMS
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
@@ -59,6 +60,7 @@ from fxcomp.quant.layers import layer_schemes
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
 from fxcomp.quant.scheme import ENGINES
+from fxcomp.runtime.parity import FLOAT_SQNR_DB, checked_parity
 
 __all__ = ["OpenVinoBackend"]
 
@@ -111,6 +113,23 @@ def _intermediate_representation(model: onnx.ModelProto) -> dict[str, bytes]:
         except Exception as err:
             raise BackendError(f"OpenVINO cannot convert the exported model: {err}") from err
         return {name: (Path(work) / name).read_bytes() for name in PROGRAMS[OPENVINO]}
+
+
+def _check_meaning(
+    exact: OpenVinoModel, gm: GraphModule, ctx: CompileContext, *, quantized: bool
+) -> None:
+    """Raise ``VerificationError`` unless the IR compiled in f32 reproduces the graph (a
+    bf16 run is then only as far from it as bf16 rounding takes it)."""
+    inputs = tuple(ctx.config.example_inputs)
+    with torch.no_grad():
+        outputs = exact(*inputs)
+    checked_parity(
+        outputs,
+        expected=expected_outputs(gm, ctx.state.reference_outputs, inputs),
+        float_outputs=ctx.state.float_outputs,
+        quantized=quantized,
+        what="OpenVINO (f32)",
+    )
 
 
 def _execution(compiled: Any, quantized: bool) -> tuple[dict[str, Any], list[str]]:
@@ -176,6 +195,9 @@ class OpenVinoBackend(BundleBackend):
         inputs = tuple(ctx.config.example_inputs)
         program = _intermediate_representation(export(gm, inputs, dynamic_batch=dynamic_batch))
         model = OpenVinoModel(program["model.xml"], program["model.bin"], settings)
+        if settings.precision != "f32":  # the IR's meaning is checked in f32
+            exact = OpenVinoModel(program["model.xml"], program["model.bin"], Settings())
+            _check_meaning(exact, gm, ctx, quantized=engine is not None)
         execution, notes = _execution(model.compiled, engine is not None)
         fields: dict[str, Any] = {
             "runtime": OPENVINO,
@@ -205,4 +227,5 @@ class OpenVinoBackend(BundleBackend):
             mean=mean,
             std=std,
             labels=labels,
+            min_db=FLOAT_SQNR_DB if settings.precision == "f32" else 0.0,
         )
