@@ -129,8 +129,17 @@ def make_files(
             ),
         ]
         files[key] = fxcomp.compile(model, x, passes, "onnx", out / key).artifact.path
+    files["quantize_static"] = quantize_static_file(files["float"], calibration, out, method)
+    return {key: files[key] for key in KINDS}
+
+
+def quantize_static_file(
+    float_file: Path, calibration: list[torch.Tensor], out: Path, method: str = "MinMax"
+) -> Path:
+    """ONNX Runtime's ``quantize_static`` of ``float_file`` in its fastest configuration here
+    (module docstring), as ``out/quantize_static.onnx``."""
     prepared, peer = out / "float_preprocessed.onnx", out / "quantize_static.onnx"
-    quant_pre_process(str(files["float"]), str(prepared))
+    quant_pre_process(str(float_file), str(prepared))
     quantize_static(
         str(prepared),
         str(peer),
@@ -142,8 +151,7 @@ def make_files(
         reduce_range=int8_dot_saturates(),
         calibrate_method=CalibrationMethod[method],
     )
-    files["quantize_static"] = peer
-    return {key: files[key] for key in KINDS}
+    return peer
 
 
 def optimized_ops(path: Path, threads: int | None) -> dict[str, int]:
