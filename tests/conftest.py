@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import copy
 import ctypes
 import gc
@@ -133,3 +134,20 @@ def image() -> torch.Tensor:
 @pytest.fixture
 def ctx(image: torch.Tensor) -> CompileContext:
     return CompileContext.from_inputs((image,))
+
+
+@pytest.fixture
+def without_module(monkeypatch):
+    """``without_module(prefix)``: importing any module whose name starts with ``prefix``
+    fails from then on in the test, as if the package were not installed."""
+    real_import = builtins.__import__
+
+    def hide(prefix: str) -> None:
+        def fake_import(name, *args, **kwargs):
+            if name.startswith(prefix):
+                raise ImportError(f"No module named '{name}'")
+            return real_import(name, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "__import__", fake_import)
+
+    return hide

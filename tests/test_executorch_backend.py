@@ -11,7 +11,6 @@ accuracy equals the INT8 reference graph's within 0.2 points.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import re
 import subprocess
@@ -266,15 +265,8 @@ def test_a_foreign_graph_that_reaches_the_backend_is_refused_without_a_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_without_executorch_the_backend_says_how_to_get_it(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_executorch(name, *args, **kwargs):
-        if name.startswith("executorch"):
-            raise ImportError(f"No module named '{name}'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_executorch)
+def test_without_executorch_the_backend_says_how_to_get_it(without_module):
+    without_module("executorch")
     with pytest.raises(BackendError, match="needs ExecuTorch") as err:
         check_request("executorch", [fuse()])
     assert "pip install 'fxcomp[executorch]'" in str(err.value)

@@ -11,7 +11,6 @@ reference graph's within 0.2 points.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import re
 import subprocess
@@ -136,15 +135,31 @@ def test_int8_graphs_of_every_qdq_engine_run_in_int8(residual_net, image, tmp_pa
     assert sum(manifest["openvino"]["layers"].values()) == 4  # stem, conv, fc, out
 
 
-class ConvHardswish(nn.Module):
-    """A convolution followed by hardswish, then by a hard sigmoid: the activations OpenVINO
-    fuses into a convolution when no Q/DQ step separates them."""
+def test_openvino_grids_have_zero_points_of_0_unsigned_where_nothing_is_negative(
+    residual_net, image
+):
+    """OpenVINO's INT8 convolutions pay a compensation term for a zero point: every grid of
+    the openvino engine is symmetric, uint8 from 0 after a ReLU, int8 where values are
+    signed (the input, the residual branch before the add)."""
+    gm = fxcomp.compile(residual_net, image, [fuse(), int8([image])]).module
+    steps = {name: m for name, m in gm.named_modules() if isinstance(m, QuantDequant)}
+    assert all(int(m.zero_point) == 0 for m in steps.values())
+    dtypes = {m.scheme.dtype for m in steps.values()}
+    assert dtypes == {torch.quint8, torch.qint8}
+    for m in steps.values():  # each grid's sign follows what it holds
+        lo, hi = m.scheme.qmin * float(m.scale), m.scheme.qmax * float(m.scale)
+        assert (lo < 0) == (m.scheme.dtype == torch.qint8) and hi > 0
+
+
+class SqueezeExcite(nn.Module):
+    """A convolution with SiLU, then a gate convolution with a hard sigmoid: activations
+    OpenVINO fuses into a convolution when no Q/DQ step separates them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
         self.gate = nn.Conv2d(8, 8, 1)
-        self.act = nn.Hardswish()
+        self.act = nn.SiLU()
         self.sigmoid = nn.Hardsigmoid()
 
     def forward(self, x):
@@ -153,10 +168,8 @@ class ConvHardswish(nn.Module):
 
 
 @pytest.mark.parametrize(("engine", "fused"), [("openvino", True), ("ort", False)])
-def test_openvino_engine_fuses_hardswish_and_hard_sigmoid_into_the_convolution(
-    image, engine, fused
-):
-    result = fxcomp.compile(ConvHardswish().eval(), image, [int8([image], engine)])
+def test_openvino_engine_fuses_activations_into_the_convolution(image, tmp_path, engine, fused):
+    result = fxcomp.compile(SqueezeExcite().eval(), image, [int8([image], engine)])
     gm = result.module
     users = {
         str(node.target): next(iter(node.users))
@@ -166,6 +179,10 @@ def test_openvino_engine_fuses_hardswish_and_hard_sigmoid_into_the_convolution(
     for conv, user in users.items():
         between = isinstance(gm.get_submodule(str(user.target)), QuantDequant)
         assert between is not fused, conv
+    if fused:  # and OpenVINO runs both convolutions in INT8
+        passes = [int8([image], engine)]
+        artifact = fxcomp.compile(SqueezeExcite().eval(), image, passes, "openvino", tmp_path)
+        assert artifact.artifact.manifest["openvino"]["float_layers"] == []
 
 
 def test_a_quantized_layer_run_in_float_is_named():
@@ -230,15 +247,8 @@ def test_bad_options_are_refused_before_any_work(options, message):
         check_request("openvino", [fuse()], options)
 
 
-def test_without_openvino_the_backend_says_how_to_get_it(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name.startswith("openvino"):
-            raise ImportError(f"No module named '{name}'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+def test_without_openvino_the_backend_says_how_to_get_it(without_module):
+    without_module("openvino")
     with pytest.raises(BackendError, match="needs OpenVINO") as err:
         check_request("openvino", [fuse()])
     assert "pip install 'fxcomp[openvino]'" in str(err.value)

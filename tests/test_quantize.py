@@ -81,6 +81,23 @@ def test_mse_observer_on_a_symmetric_scheme_keeps_zero_point_zero():
     assert obs.qparams()[1].item() == 0
 
 
+def test_a_grid_signed_by_range_is_uint8_from_0_or_int8_symmetric():
+    """The openvino engine's activations: zero point 0 always, all 256 levels on [0, hi]
+    where nothing is negative."""
+    scheme = scheme_for("openvino")[0]
+    relu, signed = MinMaxObserver(scheme), MinMaxObserver(scheme)
+    relu(torch.tensor([0.0, 2.55]))
+    signed(torch.tensor([-1.0, 2.55]))
+    scale, zero_point, grid = relu.grid()
+    assert grid.dtype == torch.quint8 and (grid.qmin, grid.qmax) == (0, 255)
+    assert zero_point.item() == 0 and scale.item() == pytest.approx(0.01)
+    scale, zero_point, grid = signed.grid()
+    assert grid.dtype == torch.qint8 and grid.symmetric and zero_point.item() == 0
+    assert scale.item() == pytest.approx(2.55 / 127.5)
+    assert signed.qparams() == signed.grid()[:2]
+    assert scheme_for("ort")[0].for_range(torch.tensor(-1.0)) == scheme_for("ort")[0]
+
+
 # --- the passes --------------------------------------------------------------------------
 
 

@@ -50,6 +50,7 @@ class FakeQuantize(Observer):
         self.batches = observer.batches.clone()
         self.scale = nn.Parameter(torch.ones(()), requires_grad=learned)
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        self.learned_scheme = observer.scheme  # the grid a learned scale lies on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()):
@@ -58,16 +59,15 @@ class FakeQuantize(Observer):
             self.observer(x)
             self.batches.copy_(self.observer.batches)
             if self.learned:
-                scale, zero_point = self.observer.qparams()
+                scale, zero_point, self.learned_scheme = self.observer.grid()
                 with torch.no_grad():
                     self.scale.copy_(scale)
                     self.zero_point.copy_(zero_point)
         if not self.batches:
             return x
         if not self.learned:
-            scale, zero_point = self.observer.qparams()
-            return fake_quantize(x, scale, zero_point, self.scheme)
-        lo, hi = self.scheme.qmin, self.scheme.qmax
+            return fake_quantize(x, *self.observer.grid())
+        lo, hi = self.learned_scheme.qmin, self.learned_scheme.qmax
         scale = self.scale.clamp(min=torch.finfo(torch.float32).eps).reshape(1)
         return torch._fake_quantize_learnable_per_tensor_affine(
             x, scale, self.zero_point.float().reshape(1), lo, hi, 1.0 / math.sqrt(x.numel() * hi)
@@ -76,11 +76,11 @@ class FakeQuantize(Observer):
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.observer.range()
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, QScheme]:
         if not self.learned:
-            return self.observer.qparams()
+            return self.observer.grid()
         scale = self.scale.detach().clamp(min=torch.finfo(torch.float32).eps)
-        return scale.clone(), self.zero_point.clone()
+        return scale.clone(), self.zero_point.clone(), self.learned_scheme
 
     def all_reduce_(self) -> None:
         self.observer.all_reduce_()
@@ -107,8 +107,7 @@ class SharedGrid(nn.Module):
         source = self._source[0]
         if not source.batches:
             return x
-        scale, zero_point = source.qparams()
-        return fake_quantize(x, scale, zero_point, source.scheme)
+        return fake_quantize(x, *source.grid())
 
 
 class QATWeight(FusedModule):

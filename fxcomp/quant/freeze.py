@@ -43,7 +43,7 @@ def freeze_qparams(gm: GraphModule, ctx: CompileContext) -> PassResult:
                     hint="run calibrate (or quantize(calibration_data)) before freeze",
                 )
             name = str(node.target).removesuffix("_observer") + "_qdq"
-            gm.add_submodule(name, QuantDequant(*module.qparams(), module.scheme))
+            gm.add_submodule(name, QuantDequant(*module.grid()))
             node.target = name
             changed = True
     for node in list(gm.graph.nodes):

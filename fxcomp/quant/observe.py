@@ -14,9 +14,9 @@ average pooling its own output grid (``ort``) it is observed as an own-grid op,
 and its ReLU. On engines whose runtime fuses a convolution into the residual add it feeds
 (``tensorrt``), a convolution whose only user is an add keeps a float output: only the add's
 other input is quantized, the placement TensorRT's guide gives for Conv + Add (+ ReLU) to
-run as one INT8 kernel (``_residual_convs``); a convolution's hardswish or hard sigmoid
-likewise takes no Q/DQ step before it where the runtime fuses it (``Engine.fused_kinds``:
-``openvino``). Kinds of op an engine's runtime runs in float
+run as one INT8 kernel (``_residual_convs``); a convolution's activation (SiLU, GELU,
+hardswish, a sigmoid) likewise takes no Q/DQ step before it where the runtime fuses it
+(``Engine.fuses_activations``: ``openvino``). Kinds of op an engine's runtime runs in float
 (``Engine.float_kinds``: hardswish and the sigmoids on ``xnnpack``) stay float.
 """
 
@@ -36,7 +36,7 @@ from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import FLOAT_LAYERS, QUANT_CONFIG, QuantConfig
 from fxcomp.quant.observers import OBSERVERS
-from fxcomp.quant.ops import QUANT_KIND, is_clamp, kind_of, tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, is_activation, is_clamp, kind_of, tensor_inputs
 from fxcomp.quant.reference import QuantDequant
 
 __all__ = ["ObserveOptions", "insert_observers"]
@@ -118,7 +118,8 @@ def insert_observers(
     fused = qdq and config.target.fuses_residual_add
 
     def fused_after(user: Node) -> bool:  # an activation the runtime fuses into its producer
-        return is_clamp(gm, user) or kind_of(gm, user, skip) in config.target.fused_kinds
+        fuses = is_activation if config.target.fuses_activations else is_clamp
+        return fuses(gm, user)
 
     residual = _residual_convs(gm, skip, options.only_nodes) if fused else set()
 
@@ -156,8 +157,8 @@ def insert_observers(
                 added += len(observed) - before
             if qdq and kind == "weighted" and len(users) == 1 and fused_after(users[0]):
                 # Conv -> ReLU6 -> Q/DQ, not Conv -> Q/DQ -> ReLU6: QDQ runtimes fuse the
-                # clamp (OpenVINO also hardswish, hard sigmoid) into the Conv only when no
-                # Q/DQ step separates them
+                # clamp (OpenVINO any activation) into the Conv only when no Q/DQ step
+                # separates them
                 node = users[0]
                 node.meta[QUANT_KIND] = "shared"
                 quantized.add(node)

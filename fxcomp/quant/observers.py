@@ -58,10 +58,17 @@ class Observer(nn.Module):
         """The (lo, hi) range the grid must cover."""
         raise NotImplementedError
 
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor, QScheme]:
+        """(scale, zero_point, scheme) for the observed range: the scheme is the observer's,
+        or the one its ``for_range`` picks for this range."""
+        lo, hi = self.range()
+        scheme = self.scheme.for_range(lo)
+        return (*scheme.qparams(lo, hi), scheme)
+
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) for the observed range."""
-        lo, hi = self.range()
-        return self.scheme.qparams(lo, hi)
+        scale, zero_point, _ = self.grid()
+        return scale, zero_point
 
 
 class MinMaxObserver(Observer):

@@ -143,6 +143,34 @@ def is_clamp(gm: GraphModule, node: Node) -> bool:
     return node.op == "call_method" and node.target in _CLAMP_METHODS
 
 
+_ACTIVATION_MODULES = (nn.SiLU, nn.GELU, nn.Mish, nn.Hardswish, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh)
+_ACTIVATION_FUNCTIONS = {
+    F.silu,
+    F.gelu,
+    F.mish,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    torch.sigmoid,
+    torch.tanh,
+}
+_ACTIVATION_METHODS = {"sigmoid", "tanh"}
+
+
+def is_activation(gm: GraphModule, node: Node) -> bool:
+    """Whether ``node`` is a clamp or an element-wise activation (SiLU, GELU, Mish,
+    hardswish, the sigmoids, tanh): what OpenVINO fuses into the convolution or linear before
+    it as a post-op when no Q/DQ step separates them."""
+    if is_clamp(gm, node):
+        return True
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))) in _ACTIVATION_MODULES
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    return node.op == "call_method" and node.target in _ACTIVATION_METHODS
+
+
 def op_name(node: Node) -> str:
     """The name ``skip`` matches for a non-module node: function or method name."""
     if node.op == "call_function":

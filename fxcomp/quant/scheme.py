@@ -12,11 +12,12 @@ saturate on full-range weights. ``xnnpack`` (ExecuTorch's XNNPACK delegate, as P
 ``XNNPACKQuantizer`` targets it): activations int8 affine over the full range, weights int8
 symmetric per output channel in [-127, 127], average pooling on a grid of its own (XNNPACK's
 quantized mean takes input and output grids), hardswish and the sigmoids in float.
-``openvino`` (OpenVINO's CPU plugin, reading Q/DQ ONNX): activations uint8 affine over the
-full range (its u8 convolutions run at the speed of its i8 ones, and a ReLU's output keeps
-all 256 levels), weights as ``ort`` (7-bit on CPUs without VNNI, as NNCF's overflow fix),
-and no Q/DQ step between a convolution and the hardswish or hard-sigmoid after it, which
-OpenVINO fuses into the convolution only then.
+``openvino`` (OpenVINO's CPU plugin, reading Q/DQ ONNX): activations with zero point 0, uint8
+where the calibrated range holds no negative value (a ReLU's output keeps all 256 levels)
+and int8 symmetric elsewhere (a zero point would cost OpenVINO's INT8 convolutions a
+compensation term), weights as ``ort`` (7-bit on CPUs without VNNI, as NNCF's overflow fix),
+and no Q/DQ step between a convolution and the activation after it (SiLU, hardswish, a
+sigmoid...), which OpenVINO fuses into the convolution only then.
 
 Example::
 
@@ -54,7 +55,9 @@ class QScheme:
 
     With ``reduce_range`` the scale is chosen for half the grid (7 bits; a symmetric grid
     spans [-64, 64]), as non-VNNI int8 kernels need, while values are still stored, and
-    clamped, on the whole grid.
+    clamped, on the whole grid. With ``signed_by_range`` the grid is chosen per tensor from
+    its calibrated range (``for_range``): uint8 with zero point 0 where it holds no negative
+    value, int8 symmetric where it does; zero points are then always 0.
     """
 
     dtype: torch.dtype
@@ -64,6 +67,21 @@ class QScheme:
     per_channel: bool = False
     axis: int = 0
     reduce_range: bool = False
+    signed_by_range: bool = False
+
+    def for_range(self, lo: torch.Tensor) -> QScheme:
+        """The grid for a tensor whose calibrated range starts at ``lo``: this one, or with
+        ``signed_by_range``, uint8 from 0 (for ``lo >= 0``) or int8 symmetric.
+
+        Example::
+
+            QScheme(torch.qint8, -128, 127, True, signed_by_range=True).for_range(torch.tensor(0.0))
+        """
+        if not self.signed_by_range:
+            return self
+        if bool((lo >= 0).all()):
+            return _UINT8  # affine from 0: zero point 0, all 256 levels on [0, hi]
+        return _INT8_SYMMETRIC
 
     def qparams(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale (float32) and zero point (int64) that map [lo, hi] (widened to hold 0) onto
@@ -120,10 +138,11 @@ class Engine:
     # which therefore get no grid of their own: ExecuTorch's XNNPACK delegate takes
     # hardswish and the sigmoids in float only (PT2E's XNNPACKQuantizer leaves them so too).
     float_kinds: frozenset[str] = frozenset()
-    # Kinds of activation the runtime fuses into the convolution or linear before it when no
-    # Q/DQ step separates them (as QDQ runtimes all do with ReLU and clamps): OpenVINO takes
-    # hardswish and the hard sigmoid as post-ops, and runs them in float between Q/DQ steps.
-    fused_kinds: frozenset[str] = frozenset()
+    # Whether the runtime fuses every element-wise activation (SiLU, GELU, hardswish, the
+    # sigmoids; ``fxcomp.quant.ops.is_activation``) into the convolution or linear before it
+    # when no Q/DQ step separates them, as QDQ runtimes all do with ReLU and clamps: OpenVINO
+    # runs them as post-ops of its INT8 convolutions, and in float between Q/DQ steps.
+    fuses_activations: bool = False
 
 
 _UINT8_7BIT = QScheme(torch.quint8, 0, 255, symmetric=False, reduce_range=True)
@@ -132,6 +151,7 @@ _INT8_SYMMETRIC = QScheme(torch.qint8, -128, 127, symmetric=True)
 _INT8 = QScheme(torch.qint8, -128, 127, symmetric=False)
 _WEIGHT = QScheme(torch.qint8, -128, 127, symmetric=True, per_channel=True)
 _WEIGHT_NARROW = QScheme(torch.qint8, -127, 127, symmetric=True, per_channel=True)
+_SIGNED_BY_RANGE = QScheme(torch.qint8, -128, 127, symmetric=True, signed_by_range=True)
 
 _TORCHSCRIPT, _MOBILE, _ONNX = ("torchscript",), ("torchscript", "mobile"), ("onnx",)
 _EXECUTORCH, _OPENVINO = ("executorch",), ("openvino",)
@@ -159,13 +179,13 @@ ENGINES: dict[str, Engine] = {
     ),
     "openvino": Engine(
         "openvino",
-        _UINT8,
+        _SIGNED_BY_RANGE,
         _WEIGHT_NARROW,
         False,
         _OPENVINO,
         narrows_weights=True,
         pools_on_own_grid=True,
-        fused_kinds=frozenset({"hardswish", "fixed"}),
+        fuses_activations=True,
     ),
     "xnnpack": Engine(
         "xnnpack",

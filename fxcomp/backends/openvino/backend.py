@@ -26,14 +26,17 @@ Example::
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch.fx import GraphModule
 
 from fxcomp.backends.base import Artifact, expected_outputs
@@ -101,12 +104,45 @@ def _quantized_engine(gm: GraphModule) -> str | None:
     return engine
 
 
+def _hard_sigmoid_as_clamp(graph: onnx.GraphProto) -> None:
+    """Write PyTorch's hard sigmoid, ``HardSigmoid(alpha=1/6, beta=0.5)``, as
+    ``Clip(x + 3, 0, 6) * (1/6)``: the same values, and the pattern OpenVINO fuses into the
+    convolution before it (ONNX's HardSigmoid stays a float layer with layout conversions
+    around it)."""
+    constants = {"three": 3.0, "zero": 0.0, "six": 6.0, "sixth": 1 / 6}
+    names = {key: f"fxcomp_hard_sigmoid_{key}" for key in constants}
+    nodes = []
+    for node in graph.node:
+        attributes = {a.name: a.f for a in node.attribute}
+        torch_form = math.isclose(attributes.get("alpha", 0.2), 1 / 6, rel_tol=1e-6)
+        if node.op_type != "HardSigmoid" or not torch_form or attributes.get("beta") != 0.5:
+            nodes.append(node)
+            continue
+        x, y = node.input[0], node.output[0]
+        nodes += [
+            onnx.helper.make_node("Add", [x, names["three"]], [f"{y}_plus_3"]),
+            onnx.helper.make_node(
+                "Clip", [f"{y}_plus_3", names["zero"], names["six"]], [f"{y}_clipped"]
+            ),
+            onnx.helper.make_node("Mul", [f"{y}_clipped", names["sixth"]], [y]),
+        ]
+    if len(nodes) == len(graph.node):
+        return
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(
+        numpy_helper.from_array(np.array(value, np.float32), names[key])
+        for key, value in constants.items()
+    )
+
+
 def _intermediate_representation(model: onnx.ModelProto) -> dict[str, bytes]:
     """The ONNX model converted to OpenVINO IR: ``model.xml`` and ``model.bin``, weights kept
     in float32 (never compressed to float16 behind the user's back)."""
     ov = require_openvino()
     with tempfile.TemporaryDirectory(prefix="fxcomp-openvino-") as work:
         source, target = Path(work) / "model.onnx", Path(work) / "model.xml"
+        _hard_sigmoid_as_clamp(model.graph)
         onnx.save(model, source)
         try:
             ov.save_model(ov.convert_model(source), target, compress_to_fp16=False)
