@@ -164,7 +164,7 @@ def test_quant_config_is_checked_when_built():
         fxcomp.QuantConfig(observer="max")
     with pytest.raises(fxcomp.InputError, match="skip=\\['fc'\\], not skip='fc'"):
         fxcomp.QuantConfig(skip="fc")
-    assert fxcomp.QuantConfig("tensorrt").target.backends == ("onnx",)
+    assert fxcomp.QuantConfig("tensorrt").target.backends == ("onnx", "openvino")
     assert not fxcomp.QuantConfig("ort").target.kernels
 
 

@@ -316,7 +316,10 @@ def test_cli_refuses_a_kernel_engine_phones_do_not_run_before_any_work(tmp_path)
     assert run.returncode == 2
     assert "quantize with engine qnnpack for the mobile backend" in run.stderr
     run = _cli("compile", "torchvision:resnet18", "--mean", "0.5", "-o", str(tmp_path))
-    assert run.returncode == 2 and "apply to --backend mobile or executorch only" in run.stderr
+    assert (
+        run.returncode == 2
+        and "apply to --backend mobile, executorch or openvino only" in run.stderr
+    )
 
 
 @pytest.mark.slow

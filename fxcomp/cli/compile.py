@@ -238,7 +238,8 @@ def _backend_options(
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if options and backend not in _BUNDLING:
         raise InputError(
-            f"--{', --'.join(options)} apply to --backend {' or '.join(_BUNDLING)} only"
+            f"--{', --'.join(options)} apply to --backend {', '.join(_BUNDLING[:-1])} or "
+            f"{_BUNDLING[-1]} only"
         )
     chosen = {k: v for k, v in runtime.items() if v is not None}
     if chosen and backend != "openvino":
