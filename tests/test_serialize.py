@@ -12,6 +12,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp import FxcompError, InputError
+from fxcomp.cli.zoo import transformer
 from fxcomp.passes import fuse, prune, quantize
 
 RUN_SAVED = """
@@ -118,3 +119,40 @@ def test_tied_weights_stay_tied(tmp_path):
     assert loaded.get_submodule("2").weight is loaded.get_submodule("0").weight
     x = torch.randn(3, 4)
     torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def test_a_hugging_face_graph_keeps_its_keywords_and_output_type_in_a_fresh_process(tmp_path):
+    """An export-captured BERT is called with keyword inputs and returns a ModelOutput;
+    the loaded module does the same, in a process that has not imported transformers."""
+    model, inputs = transformer("bert")
+    gm = fxcomp.compile(model, inputs, passes=[fuse()]).module
+    path = tmp_path / "bert.fxgraph"
+    fxcomp.save(gm, path)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    code = (
+        "import sys, torch, fxcomp;"
+        "assert 'transformers' not in sys.modules;"
+        f"m = fxcomp.load({str(path)!r});"
+        f"out = m(**torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True));"
+        "print(type(out).__name__);"
+        f"torch.save(out.last_hidden_state, {str(tmp_path / 'out.pt')!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    expected = gm(**inputs)
+    assert run.stdout.split()[-1] == type(expected).__name__
+    actual = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(actual, expected.last_hidden_state, rtol=0, atol=0)
+    loaded = fxcomp.load(path)
+    torch.testing.assert_close(
+        loaded(**inputs).pooler_output, expected.pooler_output, rtol=0, atol=0
+    )
+
+
+def test_an_output_type_from_an_unknown_library_is_refused_not_imported(tmp_path):
+    from fxcomp.ir.serialize import _treespec
+
+    spec = '[1, {"type": "evil.Output", "context": "[]", "children_spec": []}]'
+    with pytest.raises(FxcompError, match="names an unknown type"):
+        _treespec(spec, tmp_path / "m.fxgraph")
+    assert "evil" not in sys.modules

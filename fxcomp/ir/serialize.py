@@ -5,8 +5,12 @@ node's op, target and arguments (JSON, graph values by name) and every leaf modu
 class and constructor arguments. Loading rebuilds the modules and the graph from that data;
 no code from the file is run. Function targets resolve only inside torch, ``operator`` and
 fxcomp (never torch's file or serialization functions), module classes only from
-``torch.nn`` and fxcomp. A checksum over the metadata and every tensor's bytes catches a
-file changed after it was saved; a truncated file fails in safetensors' own checks.
+``torch.nn`` and fxcomp. A graph captured with keyword inputs or structured outputs (a
+Hugging Face model through ``torch.export``) keeps that calling convention: its pytree specs
+are stored as JSON (``treespec_dumps``), and an output type from a library fxcomp knows
+(transformers' ``ModelOutput`` classes) is imported by its registered name. A checksum over
+the metadata and every tensor's bytes catches a file changed after it was saved; a truncated
+file fails in safetensors' own checks.
 
 Example::
 
@@ -21,6 +25,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,9 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.fx.node import _get_qualified_name
+from torch.utils._pytree import TreeSpec, treespec_dumps, treespec_loads
 
 from fxcomp.ir.atomic import write_atomic
 from fxcomp.ir.errors import FxcompError, InputError
@@ -53,6 +60,8 @@ _FUNCTION_MODULES = {
 _ATEN = "torch.ops.aten."
 _FORBIDDEN = ("save", "load", "file", "hub", "jit", "compile", "export", "set_")
 _SKIPPED_ARGUMENTS = {"self", "device", "dtype"}
+# libraries whose output types load may import to read a calling convention back
+_OUTPUT_LIBRARIES = ("transformers.",)
 
 
 def _encode(value: Any) -> Any:
@@ -212,6 +221,55 @@ def _digest(metadata: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _calling_convention(module: GraphModule) -> dict[str, Any] | None:
+    """The pytree calling convention of an export-captured graph (keyword inputs, structured
+    outputs) as JSON-able data, or None for a graph called with its placeholders."""
+    info = getattr(module.graph._codegen, "pytree_info", None)
+    if info is None:
+        return None
+    try:
+        return {
+            "orig_args": list(info.orig_args),
+            "in_spec": treespec_dumps(info.in_spec) if info.in_spec is not None else None,
+            "out_spec": treespec_dumps(info.out_spec) if info.out_spec is not None else None,
+        }
+    except (NotImplementedError, TypeError) as err:
+        raise InputError(
+            f"cannot save the module's calling convention: {err}",
+            hint="register the output type with torch.utils._pytree (serialized_type_name)",
+        ) from err
+
+
+def _type_names(node: dict[str, Any]) -> list[str]:
+    """The serialized type names in a pytree spec's JSON form."""
+    own = [node["type"]] if node.get("type") else []
+    return own + [n for child in node.get("children_spec", ()) for n in _type_names(child)]
+
+
+def _treespec(data: str | None, path: Path) -> TreeSpec | None:
+    """A stored pytree spec, importing a known library that registers its types."""
+    if data is None:
+        return None
+    try:
+        return treespec_loads(data)
+    except NotImplementedError as err:
+        names = [n for n in _type_names(json.loads(data)[1]) if n.startswith(_OUTPUT_LIBRARIES)]
+        unknown = [n for n in names if n.rpartition(".")[0] not in sys.modules]
+        if not unknown:
+            raise FxcompError(
+                f"{path}: the calling convention names an unknown type ({err})"
+            ) from err
+        for name in unknown:
+            try:
+                importlib.import_module(name.rpartition(".")[0])
+            except ImportError as missing:
+                raise FxcompError(
+                    f"{path}: the module returns {name}, and its library is not installed",
+                    hint=f"pip install {name.partition('.')[0]}",
+                ) from missing
+        return treespec_loads(data)
+
+
 def save(module: GraphModule, path: str | Path) -> None:
     """Write ``module`` (a float GraphModule) to ``path`` as graph data plus safetensors.
 
@@ -261,6 +319,7 @@ def save(module: GraphModule, path: str | Path) -> None:
             "nodes": nodes,
             "modules": modules,
             "aliases": aliases,
+            "calling": _calling_convention(module),
         }
     )
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -328,5 +387,14 @@ def load(path: str | Path) -> GraphModule:
             continue
         node = graph_obj.create_node(op, target, tuple(args), kwargs, name=entry["name"])
         nodes[entry["name"]] = node
+    calling = spec.get("calling")
+    if calling is not None:
+        in_spec, out_spec = (
+            _treespec(calling["in_spec"], path),
+            _treespec(calling["out_spec"], path),
+        )
+        graph_obj._codegen = _PyTreeCodeGen(_PyTreeInfo(calling["orig_args"], in_spec, out_spec))
     gm = GraphModule(root, graph_obj, spec["class_name"])
+    if calling is not None:
+        gm._in_spec, gm._out_spec = in_spec, out_spec
     return gm.train(spec["training"])
