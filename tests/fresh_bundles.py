@@ -1,5 +1,6 @@
 """Bundles loaded in a fresh process: each must reproduce its samples exactly and give the
-same rows when run on twice as many; and bundles rewritten to test what a damaged one does."""
+same rows when run on twice as many; bundles rewritten to test what a damaged one does; and
+the CLI run as a user runs it."""
 
 import json
 import subprocess
@@ -49,3 +50,10 @@ def rewrite_bundle(source: Path, target: Path, change) -> Path:
             new.writestr(name, data)
         new.writestr(MANIFEST, json.dumps(manifest))
     return target
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m fxcomp ARGS`` in a new process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "fxcomp", *args], capture_output=True, text=True, timeout=600
+    )

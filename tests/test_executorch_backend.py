@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import torch
 import torchvision
-from fresh_bundles import assert_reproduce_in_a_fresh_process, rewrite_bundle
+from fresh_bundles import assert_reproduce_in_a_fresh_process, rewrite_bundle, run_cli
 from torch import nn
 
 import fxcomp
@@ -304,20 +302,14 @@ def test_a_damaged_bundle_is_refused_naming_what_is_wrong(digits, tmp_path, chan
         fxcomp.load_bundle(damaged)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fxcomp", *args], capture_output=True, text=True, timeout=600
-    )
-
-
 def test_cli_compiles_a_pte_bundle_and_inspect_reruns_its_samples(tmp_path):
-    run = _cli(
+    run = run_cli(
         "compile", "fxcomp.cli.digits:DigitsNet", "--input-shape", "1,1,8,8", "--calib",
         "digits", "--engine", "xnnpack", "--backend", "executorch", "--latency-rounds", "0",
         "-o", str(tmp_path),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    run = _cli("inspect", str(tmp_path / FILENAME))
+    run = run_cli("inspect", str(tmp_path / FILENAME))
     assert run.returncode == 0, run.stderr
     assert re.search(r"runtime +executorch", run.stdout)
     assert re.search(r"engine +xnnpack", run.stdout)

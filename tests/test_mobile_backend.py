@@ -11,15 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from fresh_bundles import assert_reproduce_in_a_fresh_process
+from fresh_bundles import assert_reproduce_in_a_fresh_process, run_cli
 from torch import nn
 
 import fxcomp
@@ -272,12 +270,6 @@ def test_a_missing_file_is_a_backend_error(tmp_path):
         fxcomp.load_bundle(tmp_path / "none.fxbundle")
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fxcomp", *args], capture_output=True, text=True, timeout=600
-    )
-
-
 def test_cli_compiles_a_bundle_and_inspect_reruns_its_samples(tmp_path):
     labels = tmp_path / "labels.txt"
     labels.write_text("zero\none\ntwo\n")
@@ -286,36 +278,36 @@ def test_cli_compiles_a_bundle_and_inspect_reruns_its_samples(tmp_path):
         "--engine", "qnnpack", "--backend", "mobile", "--mean", "0", "--std", "1",
         "--labels", str(labels), "-o", str(tmp_path / "out"),
     ]  # fmt: skip
-    run = _cli(*compile_args)
+    run = run_cli(*compile_args)
     assert run.returncode == 2, run.stderr
     assert "3 labels for an output of shape [1, 10]" in run.stderr
     assert not (tmp_path / "out" / FILENAME).exists()
     labels.write_text("\n".join(f"digit {i}" for i in range(10)))
-    run = _cli(*compile_args)
+    run = run_cli(*compile_args)
     assert run.returncode == 0, run.stderr
     assert "optimize_for_mobile skipped" in run.stdout
     bundle = tmp_path / "out" / FILENAME
-    run = _cli("inspect", str(bundle))
+    run = run_cli("inspect", str(bundle))
     assert run.returncode == 0, run.stderr
     assert re.search(r"engine +qnnpack", run.stdout)
     assert re.search(r"labels +10 \(digit 0, digit 1, digit 2, \.\.\.\)", run.stdout)
     assert re.search(r"inputs +input float32\[1, 1, 8, 8\] dynamic axes \[0\]", run.stdout)
     assert "samples: reproduced (max abs error 0," in run.stdout
-    run = _cli("inspect", str(bundle), "--json")
+    run = run_cli("inspect", str(bundle), "--json")
     assert json.loads(run.stdout[: run.stdout.rindex("}") + 1])["labels"][9] == "digit 9"
     _flip(bundle, bundle, bundle.stat().st_size // 2)
-    run = _cli("inspect", str(bundle))
+    run = run_cli("inspect", str(bundle))
     assert run.returncode == 2 and run.stderr.startswith("error: ")
 
 
 def test_cli_refuses_a_kernel_engine_phones_do_not_run_before_any_work(tmp_path):
-    run = _cli(
+    run = run_cli(
         "compile", "torchvision:resnet18", "--engine", "x86", "--backend", "mobile",
         "-o", str(tmp_path),
     )  # fmt: skip
     assert run.returncode == 2
     assert "quantize with engine qnnpack for the mobile backend" in run.stderr
-    run = _cli("compile", "torchvision:resnet18", "--mean", "0.5", "-o", str(tmp_path))
+    run = run_cli("compile", "torchvision:resnet18", "--mean", "0.5", "-o", str(tmp_path))
     assert (
         run.returncode == 2
         and "apply to --backend mobile, executorch or openvino only" in run.stderr

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import subprocess
-import sys
 import zipfile
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
-from fresh_bundles import assert_reproduce_in_a_fresh_process, rewrite_bundle
+from fresh_bundles import assert_reproduce_in_a_fresh_process, rewrite_bundle, run_cli
 from torch import nn
 
 import fxcomp
@@ -276,14 +274,8 @@ def test_a_damaged_bundle_is_refused_naming_what_is_wrong(digits, tmp_path, chan
         fxcomp.load_bundle(damaged)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fxcomp", *args], capture_output=True, text=True, timeout=600
-    )
-
-
 def test_cli_compiles_an_openvino_bundle_times_it_apart_and_inspect_reruns_it(tmp_path):
-    run = _cli(
+    run = run_cli(
         "compile", "fxcomp.cli.digits:DigitsNet", "--input-shape", "1,1,8,8", "--calib",
         "digits", "--engine", "openvino", "--backend", "openvino", "--threads", "2",
         "--latency-rounds", "3", "-o", str(tmp_path),
@@ -291,12 +283,12 @@ def test_cli_compiles_an_openvino_bundle_times_it_apart_and_inspect_reruns_it(tm
     assert run.returncode == 0, run.stderr
     assert re.search(r"latency openvino +[\d.]+ ms", run.stdout)
     assert "pause and one untimed call at each change of pool" in run.stdout
-    run = _cli("inspect", str(tmp_path / FILENAME))
+    run = run_cli("inspect", str(tmp_path / FILENAME))
     assert run.returncode == 0, run.stderr
     assert re.search(r"runtime +openvino", run.stdout)
     assert re.search(r"model\.bin +[\d.]+ MiB", run.stdout)
     assert "samples: reproduced (max abs error 0," in run.stdout
-    run = _cli(
+    run = run_cli(
         "compile", "fxcomp.cli.digits:DigitsNet", "--input-shape", "1,1,8,8",
         "--backend", "onnx", "--threads", "2", "-o", str(tmp_path / "onnx"),
     )  # fmt: skip
