@@ -118,6 +118,11 @@ class Bundle:
     sample_inputs: tuple[torch.Tensor, ...]
     sample_outputs: tuple[torch.Tensor, ...]
 
+    @property
+    def thread_pool(self) -> str:
+        """The thread pool its runtime's work runs on (``fxcomp.runtime.latency``)."""
+        return getattr(self.module, "thread_pool", "torch")
+
     def __call__(self, *inputs: torch.Tensor) -> Any:
         """Run the model on ``inputs``, without autograd."""
         with torch.no_grad():

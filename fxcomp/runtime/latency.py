@@ -75,12 +75,8 @@ def _orders(names: list[str], count: int) -> list[tuple[str, ...]]:
 
 
 def thread_pool(model: Callable[..., Any]) -> str:
-    """The thread pool ``model`` runs on: its ``thread_pool`` attribute (or its loaded
-    program's, for a bundle), else PyTorch's."""
-    found = getattr(model, "thread_pool", None) or getattr(
-        getattr(model, "module", None), "thread_pool", None
-    )
-    return found or "torch"
+    """The thread pool ``model`` runs on: its ``thread_pool`` attribute, else PyTorch's."""
+    return getattr(model, "thread_pool", None) or "torch"
 
 
 def timing_method(models: Mapping[str, Callable[..., Any]]) -> str:

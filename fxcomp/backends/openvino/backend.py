@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -173,9 +174,7 @@ def _execution(compiled: Any, quantized: bool) -> tuple[dict[str, Any], list[str
     layers left in float, and a note for each quantized one run in float."""
     precisions = layer_precisions(compiled)
     in_float = sorted(name for name, p in precisions.items() if not is_int8(p))
-    counts: dict[str, int] = {}
-    for precision in precisions.values():
-        counts[precision] = counts.get(precision, 0) + 1
+    counts = dict(Counter(precisions.values()))
     notes = [
         f"OpenVINO runs the quantized layer '{name}' in {precisions[name]}, not INT8"
         for name in in_float
