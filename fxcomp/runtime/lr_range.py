@@ -2,9 +2,13 @@
 
 Adam runs ``steps`` batches (cycling through the data if it has fewer) at a learning rate
 that grows geometrically from ``low`` to ``high``; the loss, smoothed, is recorded at each
-step and the test stops once it has blown up (four times its lowest). The learning rate
-chosen is a tenth of the one where the smoothed loss was lowest (the rule of Smith's range
-test as fastai applies it), clamped to ``[low, high / 10]``. The objective's parameters
+step and the test stops once it has blown up (four times its lowest). If it blew up, the
+learning rate chosen is a tenth of the one where the smoothed loss was lowest (the rule of
+Smith's range test), clamped to ``[low, high / 10]``. If it never did, the lowest point is
+only where the test ended, and a tenth of it can still be far too high (a fine-tuned network
+without BatchNorm, after ``fuse``, diverged at the 0.08 it gave): the rate is then taken
+halfway down the longest valley of the curve, its longest decreasing run (fastai's
+``valley`` rule). The objective's parameters
 and buffers are put back as they were; under ``torchrun`` the ranks agree on the
 geometric mean of their choices.
 
@@ -75,10 +79,27 @@ def find_lr(
         if losses[-1] > 4 * best:
             break
     objective.load_state_dict(state)
-    at_lowest = lrs[losses.index(min(losses))] if losses else low * 10
-    chosen = min(max(at_lowest / 10, low), high / 10)
+    if not losses:
+        chosen = low
+    elif len(losses) < steps:  # it blew up
+        chosen = min(max(lrs[losses.index(min(losses))] / 10, low), high / 10)
+    else:
+        chosen = lrs[_valley(losses)]
     if world()[1] > 1:  # every rank trains with the same learning rate
         log_lr = torch.tensor([math.log(chosen)], dtype=torch.float64)
         dist.all_reduce(log_lr)
         chosen = math.exp(float(log_lr) / world()[1])
     return RangeTest(lrs, losses, chosen)
+
+
+def _valley(losses: list[float]) -> int:
+    """The index halfway down the longest decreasing run of ``losses`` (not necessarily
+    contiguous: the longest decreasing subsequence, which noise does not break)."""
+    run = [1] * len(losses)  # run[i]: the longest decreasing run ending at i
+    start = end = 0
+    for i in range(1, len(losses)):
+        run[i] = 1 + max((run[j] for j in range(i) if losses[j] > losses[i]), default=0)
+        if run[i] > run[end]:
+            end, start = i, i - run[i]
+    third = (end - start) / 3
+    return start + int(third) + int(third / 2)
