@@ -90,7 +90,7 @@ def test_target_sqnr_keeps_the_fewest_layers_float(digits):
     timed = result.report.tables["mixed_precision_latency"]  # frozen TorchScript, interleaved
     assert [row["model"] for row in timed] == ["float", "all INT8", "2 float"]
     assert all(float(row["latency_ms"]) > 0 for row in timed) and timed[0]["speed-up"] == "1.00x"
-    assert [row["float layers"] for row in rows] == ["-", "down.0", "down.0, fc"]
+    assert [row["float layers and ops"] for row in rows] == ["-", "down.0", "down.0, fc"]
     assert float(rows[0]["sqnr_db"]) < 10 and float(rows[-1]["sqnr_db"]) >= 30
     assert rows[-1]["extra_weight_bytes"] == 3 * (16 * 32 * 9 + 32 * 10)
     gm = result.module  # lowered: those two float, the rest INT8 kernels
@@ -123,10 +123,10 @@ def test_max_accuracy_drop_with_eval_fn(digits):
     assert float(rows[0]["accuracy"]) < evaluate(hard) - 0.5 <= float(rows[-1]["accuracy"])
     assert evaluate(result.module) == pytest.approx(float(rows[-1]["accuracy"]), abs=0.01)
     floats = [n for n, m in result.module.named_modules() if type(m) is QuantizedWeightLayer]
-    assert len(floats) == 4 - len(rows[-1]["float layers"].split(", "))
+    assert len(floats) == 4 - len(rows[-1]["float layers and ops"].split(", "))
     # an easy model needs nothing in float
     easy = fxcomp.compile(model, data.test_x[:1], passes=passes).report.tables["mixed_precision"]
-    assert [row["float layers"] for row in easy] == ["-"]
+    assert [row["float layers and ops"] for row in easy] == ["-"]
 
 
 def test_mixed_precision_options_are_checked(digits):
@@ -139,7 +139,7 @@ def test_mixed_precision_options_are_checked(digits):
         quantize(calibration, target_sqnr=30.0, latency_rounds=-1)
     with pytest.raises(InputError, match="engine 'tensorrt' has none here"):
         quantize(calibration, engine="tensorrt", target_sqnr=30.0, latency_rounds=5)
-    with pytest.raises(PassError, match="not met even with every layer in float"):
+    with pytest.raises(PassError, match="not met even with all but one of the 5 quantized layers and ops"):
         fxcomp.compile(
             model,
             data.test_x[:1],

@@ -105,6 +105,32 @@ def observed(model, x, **options):
     return fxcomp.compile(model, x, passes=[fuse(), observe(**options)])
 
 
+class TwoAdds(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.a(x) + x
+        return self.b(x) + x
+
+
+def test_skip_takes_one_op_by_its_node_name_and_names_the_closest_to_a_typo(image):
+    torch.manual_seed(0)
+    model = TwoAdds().eval()
+
+    def grid_after(gm, name):
+        (node,) = [n for n in gm.graph.nodes if n.name == name]
+        return [type(gm.get_submodule(u.target)) for u in node.users if u.op == "call_module"]
+
+    step = quantize(batches(), skip=["add_1"], lower=False, progress=False)
+    gm = fxcomp.compile(model, image, passes=[step]).module
+    assert grid_after(gm, "add") == [QuantDequant] and grid_after(gm, "add_1") == []
+    assert isinstance(gm.get_submodule("b"), QuantizedWeightLayer)
+    with pytest.raises(PassError, match=r"(?s)skip names 'add_2'.*hint: did you mean add_1, add\?"):
+        fxcomp.compile(model, image, passes=[quantize(batches(), skip=["add_2"])])
+
+
 def test_insert_observers_structure(residual_net, image):
     result = observed(residual_net, image)
     gm = result.module

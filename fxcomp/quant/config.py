@@ -43,7 +43,7 @@ class QuantConfig:
     ``observer`` how activation ranges are chosen (``OBSERVERS``); ``per_channel`` whether
     weights get a grid per output channel; ``reduce_range`` overrides the engine's 7-bit
     scale (``scheme_for``); ``skip`` keeps layers in float by qualified module name, module
-    type or op name ("add", "cat").
+    type, op name ("add", "cat": every such op) or graph node name ("add_3": that one).
 
     Example::
 

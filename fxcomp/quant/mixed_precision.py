@@ -2,12 +2,15 @@
 
 ``choose_precision`` runs before ``insert_observers`` inside ``quantize``. It quantizes a
 copy of the graph with the pipeline's own steps (observe, calibrate, freeze), ranks the
-Conv/Linear layers by the output SQNR when each alone is quantized (``fxcomp.quant.sensitivity``),
-then greedily moves the most harmful to float, re-quantizing the copy each time, until the
+Conv/Linear layers, and the quantized ops that have a grid of their own (residual adds,
+multiplies, cat...: a Transformer's residual stream runs through its adds), by the output SQNR
+when each alone is quantized (``fxcomp.quant.sensitivity``), then greedily moves the most
+harmful to float, re-quantizing the copy each time, until the
 output's SQNR against float on the data reaches ``target_sqnr`` dB, or ``eval_fn``'s
 accuracy is at most ``max_accuracy_drop`` below float. The layers it chose are recorded in
-the graph slot ``FLOAT_LAYERS``, which ``insert_observers`` skips; the graph itself is
-unchanged. ``report.tables["mixed_precision"]`` has each step: the float layers, the figure
+the graph slot ``FLOAT_LAYERS`` (module names, and node names for ops: ``add_3``), which
+``insert_observers`` skips; the graph itself is unchanged.
+``report.tables["mixed_precision"]`` has each step: the float layers and ops, the figure
 reached, the extra weight bytes float costs, and the share of multiply-accumulates left in
 float (what the INT8 speed-up loses). With ``latency_rounds`` (engines with kernels: x86,
 fbgemm, qnnpack) the float graph, the all-INT8 graph and the chosen mix are lowered, frozen
@@ -82,6 +85,12 @@ def _macs(gm: GraphModule) -> dict[str, int]:
     return macs
 
 
+def _weighted_layers(gm: GraphModule) -> list[tuple[str, nn.Module]]:
+    """(name, Conv/Linear) for each weighted layer of ``gm``."""
+    layers = ((name, weighted_layer(module)) for name, module in gm.named_modules())
+    return [(name, layer) for name, layer in layers if layer is not None]
+
+
 def _latency_rows(
     gm: GraphModule,
     ctx: CompileContext,
@@ -138,33 +147,36 @@ def choose_float_layers(
             return value >= options.target_sqnr
         return value >= float_accuracy - options.max_accuracy_drop
 
-    analysis = measure_layers(gm, ctx.config.example_inputs, data, config, statistics=False)
+    analysis = measure_layers(
+        gm, ctx.config.example_inputs, data, config, statistics=False, ops=True
+    )
     ranking = [layer.name for layer in analysis.layers]
     macs = _macs(gm)
     total_macs = sum(macs.values()) or 1
+    weights = {name: layer.weight.numel() for name, layer in _weighted_layers(gm)}
     chosen: list[str] = []
     rows = []
     # the analysis already quantized everything; only eval_fn needs its own first figure
     value = figure(()) if options.eval_fn is not None else analysis.model_sqnr
     while True:
-        extra = sum(weighted_layer(gm.get_submodule(n)).weight.numel() for n in chosen)
+        extra = sum(weights.get(n, 0) for n in chosen)
         rows.append(
             {
-                "float layers": ", ".join(chosen) or "-",
+                "float layers and ops": ", ".join(chosen) or "-",
                 "sqnr_db" if options.eval_fn is None else "accuracy": f"{value:.2f}",
                 "extra_weight_bytes": 3 * extra,
                 "float_macs_share": f"{sum(macs.get(n, 0) for n in chosen) / total_macs:.1%}",
             }
         )
-        if met(value) or len(chosen) == len(ranking):
+        if met(value) or len(chosen) >= len(ranking) - 1:  # with none left, nothing is INT8
             break
         chosen.append(ranking[len(chosen)])
         value = figure(tuple(chosen))
     ctx.state.report.tables["mixed_precision"] = rows
     if not met(value):
         raise InputError(
-            f"mixed precision: the target is not met even with every layer in float "
-            f"(reached {value:.2f})",
+            f"mixed precision: the target is not met even with all but one of the "
+            f"{len(ranking)} quantized layers and ops in float (reached {value:.2f})",
             hint="lower the target, or check the data and eval_fn",
         )
     if options.latency_rounds:

@@ -36,7 +36,14 @@ from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import PassResult
 from fxcomp.quant.config import FLOAT_LAYERS, QUANT_CONFIG, QuantConfig
 from fxcomp.quant.observers import OBSERVERS
-from fxcomp.quant.ops import QUANT_KIND, is_activation, is_clamp, kind_of, tensor_inputs
+from fxcomp.quant.ops import (
+    QUANT_KIND,
+    check_skip,
+    is_activation,
+    is_clamp,
+    kind_of,
+    tensor_inputs,
+)
 from fxcomp.quant.reference import QuantDequant
 
 __all__ = ["ObserveOptions", "insert_observers"]
@@ -110,6 +117,7 @@ def insert_observers(
     activation, _ = config.schemes()
     pools_on_own_grid = config.target.pools_on_own_grid
     make = OBSERVERS[config.observer]
+    check_skip(gm, config.skip)
     skip = (*config.skip, *FLOAT_LAYERS.get(gm, ()))
     qdq = not config.target.kernels  # exported as Q/DQ pairs (ONNX)
     # Observers from an earlier run already make their edges quantized.

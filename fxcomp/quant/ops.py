@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import difflib
 import operator
 from collections.abc import Iterable
 
@@ -28,9 +29,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxcomp.ir.errors import InputError
 from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
-__all__ = ["KINDS", "QUANT_KIND", "SkipSpec", "is_clamp", "kind_of", "op_name", "tensor_inputs"]
+__all__ = [
+    "KINDS",
+    "QUANT_KIND",
+    "SkipSpec",
+    "check_skip",
+    "is_clamp",
+    "kind_of",
+    "op_name",
+    "tensor_inputs",
+]
 
 # node.meta key: the node's quantization kind (one of KINDS, or "observer" for the observer
 # and Q/DQ steps), written by insert_observers and followed by freeze, lower and QAT
@@ -204,10 +215,27 @@ def _skipped(gm: GraphModule, node: Node, skip: Iterable[SkipSpec]) -> bool:
                 module is not None
                 and (node.target == spec or str(node.target).startswith(spec + "."))
             )
-            or (module is None and op_name(node) == spec)
+            or (module is None and spec in (op_name(node), node.name))
         ):
             return True
     return False
+
+
+def check_skip(gm: GraphModule, skip: Iterable[SkipSpec]) -> None:
+    """Raise ``InputError`` for a ``skip`` name that matches nothing in ``gm`` (a misspelt
+    name would leave the layer quantized), with the closest names there are."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    for spec in skip:
+        if isinstance(spec, str) and not any(_skipped(gm, n, (spec,)) for n in nodes):
+            known = {str(n.target) if n.op == "call_module" else n.name for n in nodes}
+            known |= {op_name(n) for n in nodes if n.op != "call_module"}
+            close = difflib.get_close_matches(spec, sorted(known), n=3)
+            raise InputError(
+                f"skip names {spec!r}, which is no module, op or node of the graph",
+                hint=f"did you mean {', '.join(close)}?"
+                if close
+                else "skip takes module names, op names ('add') and node names ('add_3')",
+            )
 
 
 def _is_query(node: Node) -> bool:

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_leaves
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import module_of
 from fxcomp.quant.config import QuantConfig
-from fxcomp.quant.ops import tensor_inputs
+from fxcomp.quant.ops import QUANT_KIND, op_name, tensor_inputs
 from fxcomp.quant.pipeline import quantize_copy
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer, fake_quantize, grid_of
 from fxcomp.runtime.parity import sqnr
@@ -56,6 +56,9 @@ __all__ = [
 ]
 
 OUTLIER_SIGMAS = 6.0
+# Kinds of quantized op without weights that have an output grid of their own
+# (``fxcomp.quant.ops``): what ``measure_layers(ops=True)`` ranks besides Conv/Linear.
+_OPS = ("binary", "cat", "hardswish", "fixed", "pooled")
 
 
 @dataclass(frozen=True)
@@ -251,10 +254,14 @@ def measure_layers(
     *,
     eval_data: Iterable[Any] | None = None,
     statistics: bool = True,
+    ops: bool = False,
 ) -> Analysis:
     """The analysis of ``floating`` (a fused float graph with shapes), calibrated on
     ``data`` and measured on ``eval_data`` (``data`` by default); without ``statistics``,
-    the SQNR figures only (module docstring).
+    the SQNR figures only (module docstring). With ``ops``, the quantized ops that have a
+    grid of their own (adds, multiplies, cat, pooling on its own grid...) are ranked too,
+    named as ``skip`` takes them (module name, or graph node name for a function), with
+    their SQNR figures only.
 
     Example::
 
@@ -271,10 +278,14 @@ def measure_layers(
         return sqnr(expected, flat_outputs(reference, batches)), reference
 
     model_sqnr, full = figure()
-    nodes = [n for n in full.graph.nodes if isinstance(module_of(full, n), QuantizedWeightLayer)]
     layers = []
-    for node in nodes:
-        name, layer = str(node.target), module_of(full, node)
+    for node in full.graph.nodes:
+        layer = module_of(full, node)
+        if ops and node.meta.get(QUANT_KIND) in _OPS:
+            layers.append(_op_analysis(node, figure))
+        if not isinstance(layer, QuantizedWeightLayer):
+            continue
+        name = str(node.target)
         alone, _ = figure(only=node.name)
         without, _ = figure(skip=(name,))
         weight = layer.weighted.weight.detach()
@@ -301,6 +312,15 @@ def measure_layers(
     order = [layer.name for layer in layers]
     layers.sort(key=lambda la: la.sqnr_alone)
     return Analysis(config.engine, config.observer, model_sqnr, layers, order, full)
+
+
+def _op_analysis(node: Node, figure: Callable[..., tuple[float, GraphModule]]) -> LayerAnalysis:
+    """The SQNR figures of a quantized op without weights (``measure_layers``'s ``ops``)."""
+    name = str(node.target) if node.op == "call_module" else node.name
+    empty = TensorStats(*([math.nan] * 5))
+    kind = op_name(node) if node.op != "call_module" else node.meta[QUANT_KIND]
+    alone, without = figure(only=node.name)[0], figure(skip=(name,))[0]
+    return LayerAnalysis(name, kind, alone, without, math.nan, empty, empty, empty)
 
 
 def _output_grid(gm: GraphModule, node: Node) -> QuantDequant | None:

@@ -22,9 +22,11 @@ axis                 both        a per-channel weight quantized along another ax
                                  MatMul: the last)
 unquantized-input    both        a Conv/Gemm/MatMul with a weight (a constant input 1) and Q/DQ
                                  on only one of its two inputs
-add-one-side         both        an Add of two activations with Q/DQ on only one of them
-                                 (for tensorrt, unless the other is a Conv's output that
-                                 only the Add reads: the residual fusion below)
+add-one-side         both        an Add of two activations with Q/DQ on only one of them,
+                                 its output quantized (for tensorrt, unless the other is a
+                                 Conv's output that only the Add reads: the residual fusion
+                                 below); an Add whose output stays float is float by design
+                                 (``skip``, mixed precision)
 qdq-inside-fusion    tensorrt    Conv -> Q -> DQ -> Relu/BatchNormalization: blocks fusion
 residual-split       tensorrt    Conv -> Q -> DQ -> Add with the Add's other input
                                  dequantized: the pair keeps TensorRT from fusing the Add

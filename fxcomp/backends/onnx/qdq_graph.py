@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,15 @@ class QdqGraph:
             return None
         single = len(self.consumers.get(source.output[0], [])) == 1
         return source if not moved or self.target != "ort" or single else None
+
+    def quantizes_output(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node``'s output goes into a QuantizeLinear, directly or through a Relu:
+        whether the graph means it to be a quantized op."""
+        users = self.consumers.get(node.output[0], [])
+        after_relu = (
+            self.consumers.get(user.output[0], []) for user in users if user.op_type == "Relu"
+        )
+        return any(u.op_type == "QuantizeLinear" for u in (*users, *chain(*after_relu)))
 
     def residual_conv(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
         """For ``tensorrt``, the Conv that an Add reads directly (no Q/DQ between) as its only

@@ -159,7 +159,11 @@ def _add_one_side(g: QdqGraph) -> Iterator[Violation]:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
         kinds = [_operand_kind(g, node, i) for i in (0, 1)]
-        if sorted(kinds) == ["dq", "float"] and g.residual_conv(node) is None:
+        if (
+            sorted(kinds) == ["dq", "float"]
+            and g.residual_conv(node) is None
+            and g.quantizes_output(node)  # an Add whose output stays float is float by design
+        ):
             said = "only one input of this Add comes through DequantizeLinear;"
             missing = node.input[kinds.index("float")]
             runs = "the add runs in float and a residual cannot fuse"
