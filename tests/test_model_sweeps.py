@@ -5,10 +5,11 @@ vision, the Whisper encoder, GPT-2 and a Llama-architecture causal LM, each smal
 one captures through ``torch.export`` exactly, and compiles through fuse/cse/dce, dynamic
 and static INT8, SmoothQuant, prune, sparsify, cast_weights and share_weights; quantized
 outputs keep a cosine similarity to float of at least 0.99, pruned and sparsified ones keep
-their shapes. timm: one model of every family that builds under 30M parameters
-(``fxcomp.cli.zoo.TIMM``: 83 of timm's 98 families) captures (symbolic tracing, or
-``torch.export`` where it fails), fuses with its output within 1e-4 relative, and prunes at
-0.3 into a model that runs and keeps its output shape.
+their shapes; mixed precision meets a target 3 dB above all INT8. timm: one model of every
+family that builds under 30M parameters (``fxcomp.cli.zoo.TIMM``: 83 of timm's 98
+families) captures (symbolic tracing, or ``torch.export`` where it fails), fuses with its
+output within 1e-4 relative, and prunes at 0.3 into a model that runs and keeps its output
+shape.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fxcomp.passes import (
     smooth_quant,
     sparsify,
 )
+from fxcomp.runtime.parity import sqnr
 from tests.conftest import relative_error
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -77,8 +79,14 @@ def test_a_hugging_face_model_compiles_through_every_pass(name):
         elif step not in ("prune", "sparsify"):
             similarity = F.cosine_similarity(actual.flatten(), expected.flatten(), dim=0)
             assert similarity > 0.99, (step, similarity)
+        if step == "quantize":
+            int8_sqnr = sqnr(expected, actual)
     pruned = fxcomp.compile(model, inputs, passes=[prune(0.3)]).report.find("prune")
     assert pruned.parameters_after < 0.95 * pruned.parameters_before
+    # mixed precision asked for 3 dB more than all INT8 finds float layers or ops that get it
+    step = quantize([tensors, tensors], target_sqnr=int8_sqnr + 3.0, progress=False)
+    rows = fxcomp.compile(model, inputs, passes=[fuse(), step]).report.tables["mixed_precision"]
+    assert len(rows) > 1 and float(rows[-1]["sqnr_db"]) >= int8_sqnr + 3.0
 
 
 # the timm families where all but a few channel groups are blocked by ops prune cannot keep

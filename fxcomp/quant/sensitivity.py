@@ -258,10 +258,10 @@ def measure_layers(
 ) -> Analysis:
     """The analysis of ``floating`` (a fused float graph with shapes), calibrated on
     ``data`` and measured on ``eval_data`` (``data`` by default); without ``statistics``,
-    the SQNR figures only (module docstring). With ``ops``, the quantized ops that have a
-    grid of their own (adds, multiplies, cat, pooling on its own grid...) are ranked too,
-    named as ``skip`` takes them (module name, or graph node name for a function), with
-    their SQNR figures only.
+    the ranking only: ``sqnr_alone`` (module docstring), the rest NaN. With ``ops``, the
+    quantized ops that have a grid of their own (adds, multiplies, cat, pooling on its own
+    grid...) are ranked too, named as ``skip`` takes them (module name, or graph node name
+    for a function), with their SQNR figures only.
 
     Example::
 
@@ -282,12 +282,12 @@ def measure_layers(
     for node in full.graph.nodes:
         layer = module_of(full, node)
         if ops and node.meta.get(QUANT_KIND) in _OPS:
-            layers.append(_op_analysis(node, figure))
+            layers.append(_op_analysis(node, figure, statistics))
         if not isinstance(layer, QuantizedWeightLayer):
             continue
         name = str(node.target)
-        alone, _ = figure(only=node.name)
-        without, _ = figure(skip=(name,))
+        alone = figure(only=node.name)[0]
+        without = figure(skip=(name,))[0] if statistics else math.nan
         weight = layer.weighted.weight.detach()
         rounded = fake_quantize(weight, layer.weight_scale, layer.weight_zero_point, layer.scheme)
         empty = TensorStats(*([math.nan] * 5))
@@ -314,12 +314,16 @@ def measure_layers(
     return Analysis(config.engine, config.observer, model_sqnr, layers, order, full)
 
 
-def _op_analysis(node: Node, figure: Callable[..., tuple[float, GraphModule]]) -> LayerAnalysis:
-    """The SQNR figures of a quantized op without weights (``measure_layers``'s ``ops``)."""
+def _op_analysis(
+    node: Node, figure: Callable[..., tuple[float, GraphModule]], both: bool
+) -> LayerAnalysis:
+    """The SQNR figures of a quantized op without weights (``measure_layers``'s ``ops``):
+    alone, and with ``both`` all but it."""
     name = str(node.target) if node.op == "call_module" else node.name
     empty = TensorStats(*([math.nan] * 5))
     kind = op_name(node) if node.op != "call_module" else node.meta[QUANT_KIND]
-    alone, without = figure(only=node.name)[0], figure(skip=(name,))[0]
+    alone = figure(only=node.name)[0]
+    without = figure(skip=(name,))[0] if both else math.nan
     return LayerAnalysis(name, kind, alone, without, math.nan, empty, empty, empty)
 
 
