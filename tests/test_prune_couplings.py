@@ -92,6 +92,35 @@ class Tokens(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class TokenOps(nn.Module):
+    """timm's token-model idioms: LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)`` after a
+    Linear, MetaFormer's StarReLU ``s * relu(x) ** 2 + b``, and an element-wise division."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.up = nn.Linear(8, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.down = nn.Linear(32, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        hidden = self.up(tokens)
+        hidden = self.bn(hidden.flatten(0, 1)).reshape_as(hidden)
+        hidden = 0.8 * F.relu(hidden) ** 2 + 0.1
+        hidden = hidden / (1 + hidden.pow(2))
+        return self.head((tokens + self.down(hidden)).mean(1))
+
+
+def test_reshape_as_powers_and_division_prune_exactly(x):
+    torch.manual_seed(0)
+    gm = oracle(randomize_batchnorm(TokenOps()).eval(), x).module
+    assert gm.get_submodule("up").out_features == 16
+    assert gm.get_submodule("bn").num_features == 16
+    assert gm.get_submodule("down").in_features == 16
+
+
 def test_split_and_chunk_into_heads(x):
     torch.manual_seed(0)
     gm = oracle(SplitHeads().eval(), x).module

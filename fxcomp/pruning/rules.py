@@ -66,8 +66,20 @@ _ELEMENTWISE_FUNCTIONS = {
     stochastic_depth,  # torchvision's: drops whole samples, channel k in is channel k out
 }
 _ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clamp", "clone"}
-_BINARY = {operator.add, torch.add, operator.mul, torch.mul, operator.sub, torch.sub, add_relu}
-_BINARY_METHODS = {"add", "mul", "sub"}
+_BINARY = {
+    operator.add,
+    torch.add,
+    operator.mul,
+    torch.mul,
+    operator.sub,
+    torch.sub,
+    operator.truediv,
+    torch.div,
+    operator.pow,
+    torch.pow,
+    add_relu,
+}
+_BINARY_METHODS = {"add", "mul", "sub", "div", "pow"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin"}
 _SHAPE_QUERIES = {"size", "dim"}
 
@@ -261,6 +273,20 @@ def reshape(graph: ChannelTies, node: Node) -> str | None:
     return "reshape mixes the channels with other axes"
 
 
+def reshape_as(graph: ChannelTies, node: Node) -> str | None:
+    """``x.reshape_as(other)``, ``x.view_as(other)``: a reshape to ``other``'s shape, which
+    then has to shrink with the channels: ``other`` is tied to the result."""
+    blocked = reshape(graph, node)
+    other, span = node.args[1], graph.span(node)
+    if blocked is not None or span is None:
+        return blocked
+    theirs = graph.span(other)
+    if theirs is None or (theirs.axis, theirs.dims) != (span.axis, span.dims):
+        return "reshapes to the shape of a value whose channels do not follow"
+    graph.same(other, node)
+    return None
+
+
 def _reshaped(
     graph: ChannelTies, node: Node, x: Node, span: Span, axis: int, before: tuple, after: tuple
 ) -> bool:
@@ -398,6 +424,7 @@ _METHOD_RULES: dict[str, ChannelRule] = {
     "split": split,
     "chunk": split,
     **dict.fromkeys(("view", "reshape", "flatten", "unflatten"), reshape),
+    **dict.fromkeys(("view_as", "reshape_as"), reshape_as),
     "permute": permute,
     "transpose": permute,
     **dict.fromkeys(_REDUCTIONS, reduce),
