@@ -35,7 +35,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from tqdm import tqdm
 
-from fxcomp.ir.errors import InputError
+from fxcomp.ir.errors import InputError, did_you_mean
 from fxcomp.ir.graph import replace_module
 from fxcomp.nn.scaling import rescale_, scale_pairs
 from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyEmbedding, WeightOnlyLinear
@@ -98,11 +97,10 @@ def _layers(gm: GraphModule, options: WeightOnlyOptions) -> list[list[Node]]:
     names = {name for name, m in gm.named_modules() if isinstance(m, kinds)}
     unknown = [name for name in options.skip if name not in names]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=3)
         what = "a Linear or Embedding layer" if options.embeddings else "a Linear layer"
         raise InputError(
             f"skip names '{unknown[0]}', which is not {what}",
-            hint=f"did you mean {', '.join(close)}?" if close else "see fxcomp dump MODEL",
+            hint=did_you_mean(unknown[0], names, "see fxcomp dump MODEL"),
         )
     output = next(iter(gm.graph.find_nodes(op="output")))
     groups: dict[Node, list[Node]] = {}

@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -24,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from fxcomp.ir.errors import InputError
+from fxcomp.ir.errors import InputError, did_you_mean
 
 __all__ = ["load_model", "parse_shape", "zoo_inputs"]
 
@@ -34,12 +33,9 @@ def _torchvision(name: str) -> nn.Module:
 
     known = torchvision.models.list_models()
     if name not in known:
-        close = difflib.get_close_matches(name, known, n=3)
         raise InputError(
             f"torchvision has no model named '{name}'",
-            hint=f"did you mean {', '.join(close)}?"
-            if close
-            else "see torchvision.models.list_models()",
+            hint=did_you_mean(name, known, "see torchvision.models.list_models()"),
         )
     return torchvision.models.get_model(name, weights=None)
 

@@ -12,6 +12,8 @@ Example::
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,7 +28,14 @@ __all__ = [
     "TraceError",
     "UnsupportedGraphError",
     "VerificationError",
+    "did_you_mean",
 ]
+
+
+def did_you_mean(name: str, known: Iterable[str], otherwise: str) -> str:
+    """The hint for an unknown ``name``: the closest of ``known``, else ``otherwise``."""
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    return f"did you mean {', '.join(close)}?" if close else otherwise
 
 
 class FxcompError(Exception):

@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import linecache
 import logging
@@ -34,7 +33,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils._pytree import tree_map
 
-from fxcomp.ir.errors import InputError, TraceError
+from fxcomp.ir.errors import InputError, TraceError, did_you_mean
 from fxcomp.ir.graph import BATCHNORMS, ELEMENTWISE_MODULES, LIBRARY_DIRS, source_of
 from fxcomp.ir.lift import lift_layers
 from fxcomp.ir.module_copy import copy_module
@@ -226,12 +225,11 @@ def _split_leaf_specs(
             types.append(spec)
         elif isinstance(spec, str):
             if spec not in known:
-                close = difflib.get_close_matches(spec, list(known), n=3)
                 raise InputError(
                     f"leaf_modules names '{spec}', which is not a submodule of the model",
-                    hint=f"did you mean {', '.join(close)}?"
-                    if close
-                    else "list submodule names with model.named_modules()",
+                    hint=did_you_mean(
+                        spec, known, "list submodule names with model.named_modules()"
+                    ),
                 )
             names.add(spec)
         else:

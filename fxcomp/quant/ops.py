@@ -20,7 +20,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import operator
 from collections.abc import Iterable
 
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxcomp.ir.errors import InputError
+from fxcomp.ir.errors import InputError, did_you_mean
 from fxcomp.nn.fused import ConvBN, ConvReLU, LinearReLU, add_relu, weighted_layer
 
 __all__ = [
@@ -229,12 +228,11 @@ def check_skip(gm: GraphModule, skip: Iterable[SkipSpec]) -> None:
         if isinstance(spec, str) and not any(_skipped(gm, n, (spec,)) for n in nodes):
             known = {str(n.target) if n.op == "call_module" else n.name for n in nodes}
             known |= {op_name(n) for n in nodes if n.op != "call_module"}
-            close = difflib.get_close_matches(spec, sorted(known), n=3)
             raise InputError(
                 f"skip names {spec!r}, which is no module, op or node of the graph",
-                hint=f"did you mean {', '.join(close)}?"
-                if close
-                else "skip takes module names, op names ('add') and node names ('add_3')",
+                hint=did_you_mean(
+                    spec, known, "skip takes module names, op names ('add') and node names"
+                ),
             )
 
 
