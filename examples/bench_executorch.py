@@ -100,16 +100,26 @@ def pt2e_program(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tens
     return lower(converted, (x,), max_batch=1)
 
 
+def int8_passes(calibration: list[torch.Tensor]) -> list:
+    """fxcomp's INT8 for XNNPACK."""
+    return [fuse(), quantize(calibration, engine="xnnpack", progress=False)]
+
+
+def pte_bundle(model: nn.Module, x: torch.Tensor, passes: list, out: Path):
+    """fxcomp's ``.pte`` bundle of ``model`` after ``passes``, for batch 1."""
+    return fxcomp.compile(model, x, passes, "executorch", out, backend_options=SINGLE).artifact
+
+
+def one_by_one(program, images: torch.Tensor) -> torch.Tensor:
+    """``program``'s outputs for ``images``, run at batch 1."""
+    return torch.cat([program(row[None]) for row in images])
+
+
 def make_programs(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict:
     x = calibration[0][:1]
     made = {}
-    for key, passes in (
-        ("float", [fuse()]),
-        ("fxcomp", [fuse(), quantize(calibration, engine="xnnpack", progress=False)]),
-    ):
-        artifact = fxcomp.compile(
-            model, x, passes, "executorch", out / key, backend_options=SINGLE
-        ).artifact
+    for key, passes in (("float", [fuse()]), ("fxcomp", int8_passes(calibration))):
+        artifact = pte_bundle(model, x, passes, out / key)
         made[key] = {
             "program": fxcomp.load_bundle(artifact.path).module,
             "bytes": artifact.manifest["members"]["model.pte"]["bytes"],
@@ -168,20 +178,14 @@ def int8_sqnr(name: str, seed: int, calib_batches: int, work: Path) -> dict[str,
     calibration, held_out = noise_data(seed, calib_batches)
     model = prepared_model(name, calibration)
     x = calibration[0][:1]
-    passes = [fuse(), quantize(calibration, engine="xnnpack", progress=False)]
-    path = fxcomp.compile(
-        model, x, passes, "executorch", work / f"{name}-{seed}", backend_options=SINGLE
-    ).artifact.path
+    bundle = pte_bundle(model, x, int8_passes(calibration), work / f"{name}-{seed}")
     programs = {
         "pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program),
-        "fxcomp": fxcomp.load_bundle(path).module,
+        "fxcomp": fxcomp.load_bundle(bundle.path).module,
     }
     with torch.no_grad():
         reference = model(held_out)
-    return {
-        key: sqnr(reference, torch.cat([program(row[None]) for row in held_out]))
-        for key, program in programs.items()
-    }
+    return {key: sqnr(reference, one_by_one(p, held_out)) for key, p in programs.items()}
 
 
 def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
@@ -190,9 +194,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     made = make_programs(model, calibration, work / name)
     with torch.no_grad():
         reference = model(held_out)
-    outputs = {
-        key: torch.cat([made[key]["program"](row[None]) for row in held_out]) for key in PROGRAMS
-    }
+    outputs = {key: one_by_one(made[key]["program"], held_out) for key in PROGRAMS}
     ms = time_programs(made, held_out[:1], args.repeats, args.warmup)
     lite_run = subprocess.run(
         [sys.executable, __file__, "--lite-only", made["lite"]["path"], "--model", name,
@@ -222,7 +224,7 @@ def digits_accuracy(work: Path) -> dict:
     data = load_digits_split()
     torch.manual_seed(0)
     model = train(DigitsNet(), data, progress=False)
-    passes = [fuse(), quantize([x for x, _ in data.batches()], engine="xnnpack", progress=False)]
+    passes = int8_passes([x for x, _ in data.batches()])
     result = fxcomp.compile(model, data.test_x[:1], passes, "executorch", work / "digits")
     bundle = fxcomp.load_bundle(result.artifact.path)
     rows = bundle.manifest["max_batch"]

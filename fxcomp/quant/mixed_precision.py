@@ -85,12 +85,6 @@ def _macs(gm: GraphModule) -> dict[str, int]:
     return macs
 
 
-def _weighted_layers(gm: GraphModule) -> list[tuple[str, nn.Module]]:
-    """(name, Conv/Linear) for each weighted layer of ``gm``."""
-    layers = ((name, weighted_layer(module)) for name, module in gm.named_modules())
-    return [(name, layer) for name, layer in layers if layer is not None]
-
-
 def _latency_rows(
     gm: GraphModule,
     ctx: CompileContext,
@@ -153,7 +147,8 @@ def choose_float_layers(
     ranking = [layer.name for layer in analysis.layers]
     macs = _macs(gm)
     total_macs = sum(macs.values()) or 1
-    weights = {name: layer.weight.numel() for name, layer in _weighted_layers(gm)}
+    layers = {name: weighted_layer(module) for name, module in gm.named_modules()}
+    weights = {name: layer.weight.numel() for name, layer in layers.items() if layer is not None}
     chosen: list[str] = []
     rows = []
     # the analysis already quantized everything; only eval_fn needs its own first figure

@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -73,6 +73,9 @@ class TensorStats:
     grid_min: float | None = None  # the range the quantizer chose, where there is one
     grid_max: float | None = None
     clipped: float | None = None  # share of values outside that range
+
+
+_UNMEASURED = TensorStats(*([math.nan] * 5))
 
 
 @dataclass(frozen=True)
@@ -281,16 +284,18 @@ def measure_layers(
     layers = []
     for node in full.graph.nodes:
         layer = module_of(full, node)
-        if ops and node.meta.get(QUANT_KIND) in _OPS:
-            layers.append(_op_analysis(node, figure, statistics))
-        if not isinstance(layer, QuantizedWeightLayer):
+        weighted = isinstance(layer, QuantizedWeightLayer)
+        if not weighted and not (ops and node.meta.get(QUANT_KIND) in _OPS):
             continue
-        name = str(node.target)
+        name = str(node.target) if node.op == "call_module" else node.name  # as skip takes it
         alone = figure(only=node.name)[0]
         without = figure(skip=(name,))[0] if statistics else math.nan
+        if not weighted:  # an op: its SQNR figures only
+            kind = node.meta[QUANT_KIND] if node.op == "call_module" else op_name(node)
+            layers.append(LayerAnalysis(name, kind, alone, without, math.nan, *[_UNMEASURED] * 3))
+            continue
         weight = layer.weighted.weight.detach()
         rounded = fake_quantize(weight, layer.weight_scale, layer.weight_zero_point, layer.scheme)
-        empty = TensorStats(*([math.nan] * 5))
         grids = (grid_of(full, tensor_inputs(node)[0]), _output_grid(full, node))
         activations = _activation_stats(floating, name, batches, grids) if statistics else None
         layers.append(
@@ -300,9 +305,9 @@ def measure_layers(
                 sqnr_alone=alone,
                 sqnr_without=without,
                 weight_sqnr=sqnr(weight, rounded),
-                weight=_stats(weight) if statistics else empty,
-                input=activations[0] if activations else empty,
-                output=activations[1] if activations else empty,
+                weight=_stats(weight) if statistics else _UNMEASURED,
+                input=activations[0] if activations else _UNMEASURED,
+                output=activations[1] if activations else _UNMEASURED,
             )
         )
     if not layers:
@@ -312,19 +317,6 @@ def measure_layers(
     order = [layer.name for layer in layers]
     layers.sort(key=lambda la: la.sqnr_alone)
     return Analysis(config.engine, config.observer, model_sqnr, layers, order, full)
-
-
-def _op_analysis(
-    node: Node, figure: Callable[..., tuple[float, GraphModule]], both: bool
-) -> LayerAnalysis:
-    """The SQNR figures of a quantized op without weights (``measure_layers``'s ``ops``):
-    alone, and with ``both`` all but it."""
-    name = str(node.target) if node.op == "call_module" else node.name
-    empty = TensorStats(*([math.nan] * 5))
-    kind = op_name(node) if node.op != "call_module" else node.meta[QUANT_KIND]
-    alone = figure(only=node.name)[0]
-    without = figure(skip=(name,))[0] if both else math.nan
-    return LayerAnalysis(name, kind, alone, without, math.nan, empty, empty, empty)
 
 
 def _output_grid(gm: GraphModule, node: Node) -> QuantDequant | None:

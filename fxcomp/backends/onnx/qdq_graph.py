@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -118,10 +117,9 @@ class QdqGraph:
         """Whether ``node``'s output goes into a QuantizeLinear, directly or through a Relu:
         whether the graph means it to be a quantized op."""
         users = self.consumers.get(node.output[0], [])
-        after_relu = (
-            self.consumers.get(user.output[0], []) for user in users if user.op_type == "Relu"
-        )
-        return any(u.op_type == "QuantizeLinear" for u in (*users, *chain(*after_relu)))
+        for relu in [user for user in users if user.op_type == "Relu"]:
+            users = users + self.consumers.get(relu.output[0], [])
+        return any(user.op_type == "QuantizeLinear" for user in users)
 
     def residual_conv(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
         """For ``tensorrt``, the Conv that an Add reads directly (no Q/DQ between) as its only
