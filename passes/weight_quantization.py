@@ -11,7 +11,8 @@ reading the weights. The codes come from one of three methods (``fxcomp.quant.we
   layer's inputs measured on ``data``. Layers are taken in graph order, those reading one
   tensor together, each measured with the layers before it already quantized.
 - ``awq``: a per-input-channel scale searched on ``data`` to protect the channels with
-  large activations, then rounding. The scale folds into the LayerNorm before the layers
+  large activations, then each group's range clipped by the factor that minimises its
+  share of the output error on those rows, and rounding. The scale folds into the LayerNorm before the layers
   where ``fxcomp.nn.scaling`` finds one; otherwise the layer divides its input itself
   (``input_scale``, one multiply).
 
@@ -51,7 +52,7 @@ from fxcomp.nn.weight_only import GROUP_SIZES, WeightOnlyEmbedding, WeightOnlyLi
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.pipeline.pass_manager import Pass, PassResult
 from fxcomp.quant.weight_bits import choose_bits
-from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
+from fxcomp.quant.weight_grid import WeightGrid, awq_scale, clipped, gptq, rtn
 from fxcomp.runtime.parity import sqnr
 from fxcomp.runtime.training import split_batch
 
@@ -177,20 +178,21 @@ def _sample_rows(
 
 def _awq(
     gm: GraphModule, group: list[Node], rows: torch.Tensor, grid: WeightGrid
-) -> torch.Tensor | None:
-    """Search the group's AWQ scale; fold it into the LayerNorm before the group where
-    there is one (returns None), else return the input scale the layers apply."""
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Search the group's AWQ scale ``s``; fold it into the LayerNorm before the group where
+    there is one, else have the layers apply it. Returns (the input scale the layers apply,
+    or None where it was folded; the rows as the scaled layers read them)."""
     layers = [gm.get_submodule(str(n.target)) for n in group]
     scale = awq_scale([layer.weight.detach() for layer in layers], rows, grid)
     names = {str(n.target) for n in group}
     pair = next((p for p in scale_pairs(gm, norms=True) if set(p.consumers) == names), None)
     if pair is not None:
         rescale_(gm, pair, scale)  # the norm's output divided, the layers' columns multiplied
-        return None
+        return None, rows / scale
     with torch.no_grad():
         for layer in layers:
             layer.weight.mul_(scale)
-    return 1 / scale
+    return 1 / scale, rows / scale
 
 
 def _bits(
@@ -253,7 +255,7 @@ def quantize_layer_weights(
             hessian = _hessian(gm, group, batches)
         input_scale = None
         if options.method == "awq":
-            input_scale = _awq(gm, group, _sample_rows(gm, group, batches), grid)
+            input_scale, scaled_rows = _awq(gm, group, _sample_rows(gm, group, batches), grid)
         for node in group:
             name = str(node.target)
             layer = gm.get_submodule(name)
@@ -261,6 +263,8 @@ def quantize_layer_weights(
             grid = grids[bits[name]]
             if options.method == "gptq":
                 codes, scale, minimum = gptq(weight, hessian, grid, act_order=options.act_order)
+            elif options.method == "awq":
+                codes, scale, minimum = clipped(weight, scaled_rows, grid)
             else:
                 codes, scale, minimum = rtn(weight, grid)
             new = WeightOnlyLinear.from_codes(

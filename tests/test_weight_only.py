@@ -20,9 +20,9 @@ from torch import nn
 import fxcomp
 from fxcomp import InputError, PassError
 from fxcomp.cli.zoo import text_inputs, transformer
-from fxcomp.nn.weight_only import WeightOnlyEmbedding, WeightOnlyLinear
+from fxcomp.nn.weight_only import KERNEL_ROWS, WeightOnlyEmbedding, WeightOnlyLinear
 from fxcomp.passes import quantize_weights
-from fxcomp.quant.weight_grid import WeightGrid, awq_scale, gptq, rtn
+from fxcomp.quant.weight_grid import WeightGrid, awq_scale, clipped, gptq, rtn
 from tests.conftest import relative_error
 
 
@@ -39,7 +39,7 @@ def test_layer_computes_its_dequantized_weight(bits, rows, kernel):
         layer, *rtn(layer.weight.detach(), grid), bits=bits, group_size=grid.group_size
     )
     assert new.kernel is kernel  # the int4 kernel packs output channels in blocks of 16
-    x = torch.randn(2, 5, 256)  # more rows than the kernels take: float matmul, exact
+    x = torch.randn(2, KERNEL_ROWS // 2 + 1, 256)  # more rows than the kernels take: exact
     expected = x @ new.dequantized_weight().T + layer.bias
     assert relative_error(new(x), expected.detach()) < 1e-4
     few = x[0, :3]  # the kernels, on activations rounded to bfloat16
@@ -96,6 +96,20 @@ def test_awq_scale_protects_the_large_channels():
     scaled = float(((x / s) @ grid.round(weight * s).T - x @ weight.T).pow(2).mean())
     nearest = float((x @ grid.round(weight).T - x @ weight.T).pow(2).mean())
     assert scaled < nearest
+
+
+def test_awq_clipping_trades_outliers_for_a_finer_grid():
+    torch.manual_seed(0)
+    weight = torch.distributions.StudentT(3.0).sample((64, 256))  # heavy tails: outliers
+    x, held_out = torch.randn(512, 256), torch.randn(512, 256)
+    grid = WeightGrid(4, 128)
+    codes, scale, minimum = clipped(weight, x, grid)
+    full, _ = grid.params(weight)
+    assert torch.all(scale <= full) and torch.all(scale > 0.5 * full)  # ranges shrunk, by < 2
+    assert (scale < full).float().mean() > 0.5  # most groups clip their outliers
+    searched = _output_error(held_out, weight, grid, codes, scale, minimum)
+    nearest = _output_error(held_out, weight, grid, *rtn(weight, grid))
+    assert searched < 0.95 * nearest, (searched, nearest)  # about 10% lower
 
 
 @pytest.fixture(scope="module")

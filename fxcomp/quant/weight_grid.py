@@ -8,7 +8,8 @@ rounded, weighted by the inverse Hessian ``H = 2 X^T X / n`` of the layer's inpu
 ``act_order`` it takes the columns by decreasing ``diag(H)`` (the group grids then come from
 the float weight). ``awq_scale`` (Lin et al., 2023) searches a per-input-channel scale
 ``s = mean|x| ** alpha`` that protects the channels carrying large activations: the layer
-computes ``Q(W * s) @ (x / s)``.
+computes ``Q(W * s) @ (x / s)``; ``clipped``, AWQ's second step, then shrinks each group's
+range where that lowers the output error.
 
 Example::
 
@@ -24,7 +25,7 @@ import torch
 
 from fxcomp.nn.weight_only import dequantize
 
-__all__ = ["WeightGrid", "awq_scale", "gptq", "rtn"]
+__all__ = ["WeightGrid", "awq_scale", "clipped", "gptq", "rtn"]
 
 Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
@@ -86,6 +87,47 @@ def rtn(weight: torch.Tensor, grid: WeightGrid) -> Codes:
         codes, scale, minimum = rtn(layer.weight, WeightGrid(8, layer.in_features))
     """
     scale, minimum = grid.params(weight)
+    return grid.codes(weight, scale, minimum), scale, minimum
+
+
+def clipped(
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    grid: WeightGrid,
+    *,
+    steps: int = 20,
+    rows: int = 512,
+) -> Codes:
+    """(codes, scale, minimum) on ranges shrunk, per output channel and group, by the factor
+    in (0.5, 1] that minimises the error of that group's share of the output on ``inputs``
+    (rows of the layer's input, the first ``rows`` of them): AWQ's clipping search, which
+    trades a few large weights' error for a finer grid.
+
+    Example::
+
+        codes, scale, minimum = clipped(layer.weight, rows, WeightGrid(4, 128))
+    """
+    outputs, columns = weight.shape
+    groups = columns // grid.group_size
+    x = inputs[:rows].float().reshape(-1, groups, grid.group_size)
+    best = torch.full((outputs, groups), float("inf"))
+    scale, minimum = grid.params(weight)
+    for step in range(steps):
+        trial = grid.params(weight * (1 - 0.5 * step / steps))  # the range times the factor
+        error = weight - grid.value(grid.codes(weight, *trial), *trial)
+        loss = torch.cat(  # per output channel and group, chunked to bound memory
+            [
+                torch.einsum("ngk,ogk->nog", x, chunk.reshape(-1, groups, grid.group_size))
+                .pow(2)
+                .sum(0)
+                for chunk in error.split(1024)
+            ]
+        )
+        better = loss < best
+        best = torch.where(better, loss, best)
+        scale = torch.where(better, trial[0], scale)
+        if minimum is not None:
+            minimum = torch.where(better, trial[1], minimum)
     return grid.codes(weight, scale, minimum), scale, minimum
 
 
