@@ -12,9 +12,9 @@ reading the weights. The codes come from one of three methods (``fxcomp.quant.we
   tensor together, each measured with the layers before it already quantized.
 - ``awq``: a per-input-channel scale searched on ``data`` to protect the channels with
   large activations, then each group's range clipped by the factor that minimises its
-  share of the output error on those rows, and rounding. The scale folds into the LayerNorm before the layers
-  where ``fxcomp.nn.scaling`` finds one; otherwise the layer divides its input itself
-  (``input_scale``, one multiply).
+  share of the output error on those rows, and rounding. The scale folds into the
+  LayerNorm before the layers where ``fxcomp.nn.scaling`` finds one; otherwise the layer
+  divides its input itself (``input_scale``, one multiply).
 
 With ``bits=4`` and a ``target_sqnr`` (dB of the graph's output against float, on
 ``data``), each Linear takes 4 or 8 bits: the layers whose rounding alone hurts the output
