@@ -6,6 +6,7 @@ import builtins
 import copy
 import ctypes
 import gc
+import os
 
 import pytest
 import torch
@@ -20,6 +21,13 @@ from fxcomp.cli.zoo import randomize_batchnorm
 from fxcomp.ir.trace import propagate_shapes
 from fxcomp.passes import prune
 from fxcomp.pruning.plan import PruneOptions, pruning_plan, zero_channels
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:  # pytest -n N: each worker takes its share of the cores, as do the
+    # processes its tests start (OpenMP threads outnumbering the cores stall each other)
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
@@ -119,12 +120,13 @@ def stdlib_lm(*, progress: bool = True) -> nn.Module:
     """
     model = _build()
     path = _cache_path()
-    if path.is_file():
-        model.load_state_dict(load_file(path))
-        return model.eval()
-    _train(model, stdlib_corpus().train, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    with FileLock(f"{path}.lock"):  # two processes asking at once: one trains, one waits
+        if path.is_file():
+            model.load_state_dict(load_file(path))
+            return model.eval()
+        _train(model, stdlib_corpus().train, progress=progress)
+        write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
     return model.eval()
 
 
