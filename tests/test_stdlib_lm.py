@@ -1,6 +1,6 @@
 """The language model trained on Python's standard library, and weight-only quantization of
 it measured in held-out perplexity (per byte): int8 within 1% of float, int4 g128 with
-GPTQ or AWQ within 5% and better than rounding.
+GPTQ and AWQ within 5%, and GPTQ better than rounding.
 
 Training happens once per machine (about two minutes on two cores) and is cached.
 """
