@@ -77,6 +77,7 @@ class WeightOnlyOptions:
     progress: bool = True
     embeddings: bool = False
     target_sqnr: float | None = None
+    symmetric: bool = False
 
 
 def _tables(gm: GraphModule, options: WeightOnlyOptions) -> list[str]:
@@ -209,7 +210,7 @@ def _bits(
         return {str(node.target): options.bits for node in nodes}
     names = [str(node.target) for node in nodes]
     bits, table, reached = choose_bits(
-        gm, names, batches[:_SEARCH_BATCHES], options.target_sqnr, options.group_size
+        gm, names, batches[:_SEARCH_BATCHES], options.target_sqnr, _int4(options)
     )
     ctx.state.report.tables["weight_bits"] = table
     if reached < options.target_sqnr:
@@ -249,7 +250,7 @@ def quantize_layer_weights(
     )
     for group in progress:  # the layers of a group read one tensor: one input width
         width = gm.get_submodule(str(group[0].target)).in_features
-        grids = {8: WeightGrid(8, width), 4: WeightGrid(4, options.group_size)}
+        grids = {8: WeightGrid(8, width), 4: _int4(options)}
         grid = grids[min(bits[str(n.target)] for n in group)]  # what AWQ searches for
         if options.method == "gptq":
             hessian = _hessian(gm, group, batches)
@@ -282,9 +283,7 @@ def quantize_layer_weights(
     for name in tables:
         table = gm.get_submodule(name)
         weight = table.weight.detach().float()
-        grid = WeightGrid(
-            options.bits, weight.shape[1] if options.bits == 8 else options.group_size
-        )
+        grid = WeightGrid(8, weight.shape[1]) if options.bits == 8 else _int4(options)
         codes, scale, minimum = rtn(weight, grid)
         new = WeightOnlyEmbedding.from_codes(
             table, codes, scale, minimum, bits=options.bits, group_size=grid.group_size
@@ -294,6 +293,10 @@ def quantize_layer_weights(
     if rows:
         ctx.state.report.tables["quantize_weights"] = rows
     return PassResult(gm, modified=bool(rows))
+
+
+def _int4(options: WeightOnlyOptions) -> WeightGrid:
+    return WeightGrid(4, options.group_size, options.symmetric)
 
 
 def _row(
@@ -323,10 +326,13 @@ def quantize_weights(
     embeddings: bool = False,
     target_sqnr: float | None = None,
     act_order: bool = False,
+    symmetric: bool = False,
     progress: bool = True,
 ) -> Pass:
     """Store Linear weights in int8 per channel or int4 per group, computed with the CPU's
-    weight-only kernels; ``method`` rtn, gptq or awq (module docstring).
+    weight-only kernels; ``method`` rtn, gptq or awq (module docstring). ``symmetric`` puts
+    int4 codes around zero (-8..7, no minimum of their own): what ``backend="executorch"``
+    needs for XNNPACK's groupwise linear, at some cost in error.
 
     Example::
 
@@ -359,6 +365,7 @@ def quantize_weights(
         progress,
         embeddings,
         target_sqnr,
+        symmetric,
     )
 
     def run(gm: GraphModule, ctx: CompileContext) -> PassResult:

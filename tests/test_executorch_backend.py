@@ -30,7 +30,17 @@ from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
 from fxcomp.cli.zoo import transformer
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.nn.batchnorm import reestimate_batchnorm
-from fxcomp.passes import distill, fuse, prune, qat, quantize, quantize_dynamic, smooth_quant
+from fxcomp.nn.weight_only import WeightOnlyLinear
+from fxcomp.passes import (
+    distill,
+    fuse,
+    prune,
+    qat,
+    quantize,
+    quantize_dynamic,
+    quantize_weights,
+    smooth_quant,
+)
 from fxcomp.quant.config import QuantConfig
 from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.pipeline import calibrate, observe
@@ -337,6 +347,40 @@ def test_transformer_dynamic_linears_run_in_xnnpack(name, tmp_path):
     if name == "gpt2":  # ExecuTorch's view pass refuses its dynamic batch: fixed, and said so
         assert manifest["inputs"][0]["dynamic_axes"] == []
         assert "batch axis fixed at 2" in manifest["notes"][0]
+
+
+def _llama():
+    model, inputs = transformer("llama")
+    return model, {"input_ids": inputs["input_ids"], "use_cache": False}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_linears_run_in_xnnpack(bits, tmp_path):
+    """quantize_weights(symmetric=True): every Linear becomes XNNPACK's dynamically quantized
+    linear, with int8 weights per channel or int4 weights in groups of 32."""
+    model, inputs = _llama()
+    passes = [quantize_weights(bits=bits, group_size=32, symmetric=True, progress=False)]
+    result = fxcomp.compile(model, inputs, passes, "executorch", tmp_path)
+    manifest, parity = result.artifact.manifest, result.artifact.parity
+    linears = sum(isinstance(m, WeightOnlyLinear) for m in result.module.modules())
+    delegated = manifest["delegation"]["xnnpack"]
+    assert linears >= 7 and delegated["aten.linear.default"] == linears
+    assert "aten.linear.default" not in _portable_ops(manifest)
+    if bits == 4:
+        assert delegated["quantized_decomposed.dequantize_per_channel_group.default"] == linears
+    # the program also quantizes each Linear's input to int8 per row: within the margin
+    assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
+    assert parity["sqnr_db_vs_float"] > (30 if bits == 8 else 15)
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    assert bundle.verify()[0] <= bundle.manifest["samples"]["atol"]
+
+
+def test_asymmetric_int4_is_refused_naming_the_option(tmp_path):
+    model, inputs = _llama()
+    passes = [quantize_weights(bits=4, group_size=32, progress=False)]
+    with pytest.raises(BackendError, match=r"asymmetric int4[\s\S]*symmetric=True"):
+        fxcomp.compile(model, inputs, passes, "executorch", tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 @pytest.mark.slow

@@ -112,6 +112,21 @@ def test_awq_clipping_trades_outliers_for_a_finer_grid():
     assert searched < 0.95 * nearest, (searched, nearest)  # about 10% lower
 
 
+def test_symmetric_int4_puts_the_codes_around_zero():
+    weight = _layer().weight.detach()
+    grid = WeightGrid(4, 64, symmetric=True)
+    codes, scale, minimum = rtn(weight, grid)
+    assert torch.equal(minimum, -8 * scale)  # codes - 8 in -8..7, no zero point
+    value = grid.value(codes, scale, minimum)
+    assert torch.equal(value[codes == 8], torch.zeros_like(value[codes == 8]))  # zero is exact
+    groups = weight.reshape(64, 4, 64)
+    covered = (groups.amin(-1) >= minimum - 1e-6) & (groups.amax(-1) <= 7 * scale + 1e-6)
+    assert covered.all()  # the grid spans each group's range, no clipping
+    asymmetric = rtn(weight, WeightGrid(4, 64))
+    error = (value - weight).pow(2).mean()
+    assert (WeightGrid(4, 64).value(*asymmetric) - weight).pow(2).mean() < error < 1e-3
+
+
 @pytest.fixture(scope="module")
 def llama():
     model, inputs = transformer("llama")  # inputs: input_ids, attention_mask, use_cache=False
@@ -128,14 +143,19 @@ def _logits(output):
 
 
 @pytest.mark.parametrize(
-    ("bits", "method", "floor"),
-    [(8, "rtn", 0.999), (4, "rtn", 0.98), (4, "gptq", 0.98), (4, "awq", 0.98)],
+    ("bits", "method", "floor", "symmetric"),
+    [
+        (8, "rtn", 0.999, False),
+        (4, "rtn", 0.98, False),
+        (4, "gptq", 0.98, False),
+        (4, "awq", 0.98, False),
+        (4, "gptq", 0.98, True),
+    ],
 )
-def test_pass_quantizes_every_linear_but_the_head(llama, bits, method, floor):
+def test_pass_quantizes_every_linear_but_the_head(llama, bits, method, floor, symmetric):
     model, inputs, calibration = llama
-    passes = [
-        quantize_weights(bits=bits, group_size=32, method=method, data=calibration, progress=False)
-    ]
+    options = {"method": method, "data": calibration, "symmetric": symmetric, "progress": False}
+    passes = [quantize_weights(bits=bits, group_size=32, **options)]
     result = fxcomp.compile(model, inputs, passes=passes)
     gm = result.module
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -144,6 +164,9 @@ def test_pass_quantizes_every_linear_but_the_head(llama, bits, method, floor):
     rows = result.report.tables["quantize_weights"]
     assert [r["layer"] for r in rows] == [n for n in linears if n != "lm_head"]
     assert all(r["compute"] == "kernel" for r in rows)
+    if symmetric:  # GPTQ's grids, read as the error is fed back, stay around zero too
+        layers = [m for m in gm.modules() if isinstance(m, WeightOnlyLinear)]
+        assert all(torch.equal(m.minimum, -8 * m.scale) for m in layers)
     with torch.no_grad():
         expected = _logits(model(**inputs))
         actual = _logits(gm(inputs["input_ids"]))

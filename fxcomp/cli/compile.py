@@ -49,6 +49,7 @@ _PASS_FLAGS = (
     "skip",
     "lm_head",
     "embeddings",
+    "symmetric",
 )
 
 
@@ -102,6 +103,11 @@ _PASS_FLAGS = (
 @click.option("--skip", multiple=True, help="quantize_weights: a Linear layer to leave float.")
 @click.option("--lm-head", is_flag=True, help="quantize_weights: the LM head too.")
 @click.option("--embeddings", is_flag=True, help="quantize_weights: the embedding tables too.")
+@click.option(
+    "--symmetric",
+    is_flag=True,
+    help="quantize_weights: int4 codes around zero (what --backend executorch needs).",
+)
 @observer_option
 @click.option(
     "--bias-correction",

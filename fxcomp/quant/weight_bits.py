@@ -1,8 +1,8 @@
 """Mixed weight-only precision: which layers take 4 bits and which 8, to an output target.
 
-``choose_bits(gm, layers, batches, target_sqnr, group_size)`` measures, on ``batches``, each
+``choose_bits(gm, layers, batches, target_sqnr, int4)`` measures, on ``batches``, each
 layer's sensitivity: the graph's output SQNR against float with that layer alone rounded to
-int4 (round to nearest, groups of ``group_size``). Layers are then ranked most sensitive
+the ``int4`` grid (round to nearest). Layers are then ranked most sensitive
 first, and the fewest of them are put at int8 (the rest at int4) such that the whole graph,
 every layer rounded, keeps its output within ``target_sqnr`` dB of float; that count is
 found by bisection, taking the output SQNR as rising with each layer moved to int8. The
@@ -11,7 +11,7 @@ result says so.
 
 Example::
 
-    bits, rows, reached = choose_bits(gm, ["fc1", "fc2"], batches, 30.0, group_size=128)
+    bits, rows, reached = choose_bits(gm, ["fc1", "fc2"], batches, 30.0, WeightGrid(4, 128))
     bits["fc1"]   # 8 or 4
 """
 
@@ -34,8 +34,8 @@ from fxcomp.runtime.parity import sqnr
 __all__ = ["choose_bits"]
 
 
-def _rounded(layer: nn.Linear, bits: int, group_size: int) -> WeightOnlyLinear:
-    grid = WeightGrid(bits, layer.in_features if bits == 8 else group_size)
+def _rounded(layer: nn.Linear, bits: int, int4: WeightGrid) -> WeightOnlyLinear:
+    grid = WeightGrid(8, layer.in_features) if bits == 8 else int4
     codes = rtn(layer.weight.detach().float(), grid)
     return WeightOnlyLinear.from_codes(layer, *codes, bits=bits, group_size=grid.group_size)
 
@@ -67,23 +67,22 @@ def choose_bits(
     layers: list[str],
     batches: list[tuple[Any, ...]],
     target_sqnr: float,
-    group_size: int,
+    int4: WeightGrid,
 ) -> tuple[dict[str, int], list[dict[str, Any]], float]:
     """(bits per layer, one report row per layer, the output SQNR reached) (module
     docstring)."""
     reference = _outputs(gm, batches)
     originals = {name: gm.get_submodule(name) for name in layers}
-    int4 = {name: _rounded(layer, 4, group_size) for name, layer in originals.items()}
-    int8 = {name: _rounded(layer, 8, group_size) for name, layer in originals.items()}
+    rounded = {b: {n: _rounded(m, b, int4) for n, m in originals.items()} for b in (4, 8)}
     alone = {}
     for name in layers:
-        with _swapped(gm, {name: int4[name]}):
+        with _swapped(gm, {name: rounded[4][name]}):
             alone[name] = sqnr(reference, _outputs(gm, batches))
     ranked = sorted(layers, key=alone.__getitem__)  # most sensitive first
 
     def reached(count: int) -> float:
         eight = set(ranked[:count])
-        chosen = {name: int8[name] if name in eight else int4[name] for name in layers}
+        chosen = {name: rounded[8 if name in eight else 4][name] for name in layers}
         with _swapped(gm, chosen):
             return sqnr(reference, _outputs(gm, batches))
 

@@ -33,7 +33,9 @@ Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 @dataclass(frozen=True)
 class WeightGrid:
     """8 bits: int8 codes, symmetric, per output channel (``group_size`` is the input width);
-    4 bits: codes 0..15 with a scale and a minimum per group of ``group_size`` inputs.
+    4 bits: codes 0..15 with a scale and a minimum per group of ``group_size`` inputs. With
+    ``symmetric`` the 4-bit minimum is ``-8 * scale``: codes -8..7 around zero, the int4 form
+    XNNPACK's groupwise linear takes (its weights have no zero point).
 
     Example::
 
@@ -42,6 +44,7 @@ class WeightGrid:
 
     bits: int
     group_size: int
+    symmetric: bool = False
 
     def params(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scale, minimum) per (output channel, group) of ``weight``'s columns."""
@@ -50,6 +53,9 @@ class WeightGrid:
         if self.bits == 8:
             return groups.abs().amax(-1).clamp(min=1e-8) / 127, None
         minimum, maximum = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
+        if self.symmetric:  # the finest grid -8..7 around zero that covers both ends
+            scale = torch.maximum(-minimum / 8, maximum / 7).clamp(min=1e-8)
+            return scale, -8 * scale
         return ((maximum - minimum) / 15).clamp(min=1e-8), minimum
 
     def codes(

@@ -6,7 +6,9 @@ XNNPACK's kernels run); it is rewritten into ATen ops between ``quantized_decomp
 quantize/dequantize steps (``fxcomp.backends.executorch.decomposed``), the form the XNNPACK
 partitioner turns into quantized convolutions, linears, adds and pooling; the
 ``DynamicLinear`` layers of ``quantize_dynamic(engine="xnnpack")`` become XNNPACK's
-dynamically quantized linears (inputs quantized per call). The program is
+dynamically quantized linears (inputs quantized per call), and so do the int8 and symmetric
+int4 layers of ``quantize_weights(..., symmetric=True)`` (int4 in groups: XNNPACK's
+groupwise kernel). The program is
 lowered and serialised (``fxcomp.backends.executorch.program``), loaded by ExecuTorch's
 runtime, run on the example inputs and compared with the reference graph and the float
 model; its manifest says which ops XNNPACK runs and which were left on the portable
@@ -41,6 +43,7 @@ from fxcomp.backends.bundle_manifest import (
 from fxcomp.backends.executorch.decomposed import decomposed_graph
 from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
 from fxcomp.ir.errors import BackendError, InputError
+from fxcomp.nn.weight_only import WeightOnlyLinear
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.config import QUANT_CONFIG
 from fxcomp.quant.dynamic import DynamicLinear
@@ -71,8 +74,9 @@ def _quantized_engine(gm: GraphModule) -> str | None:
                 "kernels, which ExecuTorch does not run",
                 hint=hint,
             )
+    weight_only = _check_weight_only(gm)
     if not any(isinstance(m, QuantDequant | DynamicLinear) for m in gm.modules()):
-        return None
+        return ENGINE if weight_only else None
     config = QUANT_CONFIG.get(gm)
     engine = config.engine if config is not None else None
     if engine != ENGINE:
@@ -82,6 +86,20 @@ def _quantized_engine(gm: GraphModule) -> str | None:
             hint=f"quantize with engine='{ENGINE}' for the executorch backend",
         )
     return engine
+
+
+def _check_weight_only(gm: GraphModule) -> bool:
+    """Whether ``gm`` holds ``quantize_weights`` layers; raise for int4 ones XNNPACK cannot
+    take (a minimum per group: its groupwise weights have no zero point)."""
+    layers = [(n, m) for n, m in gm.named_modules() if isinstance(m, WeightOnlyLinear)]
+    for name, layer in layers:
+        if layer.bits == 4 and not torch.equal(layer.minimum, -8 * layer.scale):
+            raise BackendError(
+                f"'{name}' holds asymmetric int4 weights (a minimum per group); XNNPACK's "
+                "groupwise linear takes codes around zero, with no zero point",
+                hint="quantize_weights(bits=4, ..., symmetric=True) for the executorch backend",
+            )
+    return bool(layers)
 
 
 def _check_max_batch(max_batch: int) -> None:

@@ -10,8 +10,12 @@ which it dequantizes per output channel (``dequantize_per_channel``) before the 
 convolution or linear; each ``DynamicLinear`` (``quantize_dynamic``) becomes a
 ``DecomposedDynamicLinear``, whose input goes through ``choose_qparams`` ->
 ``quantize_per_tensor`` -> ``dequantize_per_tensor`` on the fly: XNNPACK's dynamically
-quantized linear. XNNPACK takes an op as quantized only when each of its inputs comes
-straight from a dequantize, so after ops that keep their input's grid (max pooling, ReLU,
+quantized linear; each ``WeightOnlyLinear`` (``quantize_weights``) becomes the same with its
+input quantized per row and its int8 or symmetric int4 weight dequantized per channel or
+per group (``DecomposedWeightOnlyLinear``).
+
+XNNPACK takes an op as quantized only when each of its inputs comes straight from a
+dequantize, so after ops that keep their input's grid (max pooling, ReLU,
 reshapes: ``shared`` in ``fxcomp.quant.ops``) a Q/DQ step on that same grid is added, as
 PT2E's shared-qparams annotation does. Those ops leave values on the grid, so the step is
 exact and the graph computes what the reference graph computes, up to the rounding of
@@ -40,12 +44,19 @@ from torch.fx import GraphModule, Node
 from fxcomp.ir.graph import module_of, replace_module
 from fxcomp.ir.module_copy import copy_module
 from fxcomp.nn.fused import FusedModule, apply_weight
+from fxcomp.nn.weight_only import WeightOnlyLinear
 from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.ops import QUANT_KIND
 from fxcomp.quant.reference import QuantDequant, QuantizedWeightLayer, grid_of
 from fxcomp.quant.scheme import QScheme
 
-__all__ = ["DecomposedDynamicLinear", "DecomposedWeightLayer", "attention_math", "decomposed_graph"]
+__all__ = [
+    "DecomposedDynamicLinear",
+    "DecomposedWeightLayer",
+    "DecomposedWeightOnlyLinear",
+    "attention_math",
+    "decomposed_graph",
+]
 
 # Grid-keeping ops whose output is a tuple: their getitems are requantized instead.
 _TUPLE_OUTPUTS = {torch.chunk, torch.split, "chunk", "split"}
@@ -140,6 +151,63 @@ class DecomposedDynamicLinear(FusedModule):
         return torch.nn.functional.linear(x, weight, self.bias)
 
 
+class DecomposedWeightOnlyLinear(FusedModule):
+    """A ``WeightOnlyLinear`` (``quantize_weights``) as XNNPACK's dynamically quantized
+    linear: the input quantized per row to int8 on the fly, the weight dequantized from int8
+    per output channel or from symmetric int4 per group (``dequantize_per_channel_group``,
+    codes -8..7), a float linear between them. XNNPACK has no linear with float inputs and
+    integer weights, so the program quantizes what the reference graph keeps in float.
+
+    Example::
+
+        DecomposedWeightOnlyLinear(weight_only_linear)(torch.randn(3, 256))
+    """
+
+    def __init__(self, layer: WeightOnlyLinear) -> None:
+        super().__init__()
+        self.bits, self.group_size = layer.bits, layer.group_size
+        codes = layer.codes()
+        integer = codes if layer.bits == 8 else (codes.to(torch.int16) - 8).to(torch.int8)
+        scale = layer.scale.detach().float()
+        self.register_buffer("integer_weight", integer.contiguous())
+        self.register_buffer("weight_scale", scale[:, 0].clone() if layer.bits == 8 else scale)
+        self.register_buffer("weight_zero_point", torch.zeros_like(self.weight_scale).long())
+        self.register_buffer("input_scale", layer.input_scale)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = _ops()
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        scale, zero_point = ops.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+        quantized = ops.quantize_per_token.default(x, scale, zero_point, -128, 127, torch.int8)
+        x = ops.dequantize_per_token.default(
+            quantized, scale, zero_point, -128, 127, torch.int8, x.dtype
+        )
+        if self.bits == 8:
+            weight = ops.dequantize_per_channel.default(
+                self.integer_weight,
+                self.weight_scale,
+                self.weight_zero_point,
+                0,
+                -127,
+                127,
+                torch.int8,
+            )
+        else:
+            weight = ops.dequantize_per_channel_group.default(
+                self.integer_weight,
+                self.weight_scale,
+                self.weight_zero_point,
+                -8,
+                7,
+                torch.int8,
+                self.group_size,
+                x.dtype,
+            )
+        return torch.nn.functional.linear(x, weight, self.bias)
+
+
 def _quantize_for_users(gm: GraphModule, node: Node, value: Node, grid: QuantDequant) -> None:
     """``quantize(value)`` on ``grid`` after ``node``, and in place of ``node`` for each of
     its users a ``dequantize`` of its own: PT2E's form, in which XNNPACK's partitioner takes
@@ -171,6 +239,7 @@ def _requantize_shared(gm: GraphModule) -> None:
 _DECOMPOSED = {
     QuantizedWeightLayer: DecomposedWeightLayer,
     DynamicLinear: DecomposedDynamicLinear,
+    WeightOnlyLinear: DecomposedWeightOnlyLinear,
 }
 
 
@@ -226,7 +295,7 @@ def decomposed_graph(gm: GraphModule) -> GraphModule:
         if isinstance(module, QuantDequant):
             _quantize_for_users(copy, node, node.args[0], module)
             copy.graph.erase_node(node)
-        elif isinstance(module, QuantizedWeightLayer | DynamicLinear):
+        elif isinstance(module, QuantizedWeightLayer | DynamicLinear | WeightOnlyLinear):
             if id(module) not in layers:
                 layers[id(module)] = _DECOMPOSED[type(module)](module)
             replace_module(copy, str(node.target), layers[id(module)])
