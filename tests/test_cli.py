@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -387,3 +388,16 @@ def test_compile_quantizes_a_language_model_weight_only_on_standard_library_text
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("gptq      4       32") == 14  # every Linear but the head
     assert (tmp_path / "model.pt").is_file()
+
+
+def test_compile_writes_symmetric_int4_weights_into_an_executorch_bundle(tmp_path):
+    out = fxcomp(
+        *("compile", "transformers:llama", "--input-shape", "1,16", "--calib", "stdlib"),
+        *("--calib-batches", "1", "--passes", "quantize_weights", "--bits", "4"),
+        *("--group-size", "32", "--symmetric", "--backend", "executorch"),
+        *("--latency-rounds", "0", "-o", str(tmp_path)),
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("rtn       4       32") == 14  # every Linear but the head
+    assert re.search(r"sqnr_db_vs_reference +4\d\.\d", out.stdout)  # the .pte, 44-45 dB
+    assert (tmp_path / "model.fxbundle").is_file()

@@ -364,11 +364,13 @@ def test_weight_only_linears_run_in_xnnpack(bits, tmp_path):
     manifest, parity = result.artifact.manifest, result.artifact.parity
     linears = sum(isinstance(m, WeightOnlyLinear) for m in result.module.modules())
     delegated = manifest["delegation"]["xnnpack"]
-    assert linears >= 7 and delegated["aten.linear.default"] == linears
+    assert linears >= 7 and delegated["aten.linear.default"] == linears + 1  # and the head
     assert "aten.linear.default" not in _portable_ops(manifest)
+    assert delegated["quantized_decomposed.choose_qparams_per_token_asymmetric.default"] == linears
     if bits == 4:
         assert delegated["quantized_decomposed.dequantize_per_channel_group.default"] == linears
-    # the program also quantizes each Linear's input to int8 per row: within the margin
+    # the program also quantizes each Linear's input to int8 per row: 44-45 dB from the
+    # reference graph here, far within the margin
     assert parity["sqnr_db_vs_reference"] >= parity["sqnr_db_reference_vs_float"] - 3
     assert parity["sqnr_db_vs_float"] > (30 if bits == 8 else 15)
     bundle = fxcomp.load_bundle(result.artifact.path)
