@@ -380,8 +380,11 @@ def test_weight_only_linears_run_in_xnnpack(bits, tmp_path):
 def test_asymmetric_int4_is_refused_naming_the_option(tmp_path):
     model, inputs = _llama()
     passes = [quantize_weights(bits=4, group_size=32, progress=False)]
-    with pytest.raises(BackendError, match=r"asymmetric int4[\s\S]*symmetric=True"):
-        fxcomp.compile(model, inputs, passes, "executorch", tmp_path / "out")
+    with pytest.raises(BackendError, match=r"bits=4\) without symmetric=True makes asymmetric"):
+        fxcomp.compile(model, inputs, passes, "executorch", tmp_path / "out")  # before the pass
+    own = [fxcomp.Pass("my_int4", passes[0].run)]  # a pass of the user's own: seen at the end
+    with pytest.raises(BackendError, match=r"'model.layers.0.self_attn.q_proj' holds asymmetric"):
+        fxcomp.compile(model, inputs, own, "executorch", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 

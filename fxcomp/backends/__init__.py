@@ -68,5 +68,7 @@ def check_request(
     """
     backend = get_backend(name)
     backend.check_options(**dict(options or {}))
+    passes = list(passes)
     backend.check_target(declared_config(passes))
+    backend.check_passes(passes)
     return backend

@@ -17,7 +17,7 @@ Example::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -82,6 +82,11 @@ class Backend(ABC):
             hint=f"quantize with engine {' / '.join(engines)} for the {self.name} backend, "
             f"or use backend={config.target.backends[0]!r}",
         )
+
+    def check_passes(self, passes: Sequence[Any]) -> None:
+        """Raise ``BackendError`` for a pass whose output this backend cannot take, before
+        any work; every backend takes every pass unless it says otherwise."""
+        return None
 
     @abstractmethod
     def emit(self, gm: GraphModule, ctx: CompileContext, out_dir: Path, **options: Any) -> Artifact:

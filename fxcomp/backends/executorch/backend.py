@@ -88,17 +88,21 @@ def _quantized_engine(gm: GraphModule) -> str | None:
     return engine
 
 
+def _asymmetric_int4(what: str) -> BackendError:
+    return BackendError(
+        f"{what} asymmetric int4 weights (a minimum per group); XNNPACK's groupwise linear "
+        "takes codes around zero, with no zero point",
+        hint="quantize_weights(bits=4, ..., symmetric=True) for the executorch backend",
+    )
+
+
 def _check_weight_only(gm: GraphModule) -> bool:
     """Whether ``gm`` holds ``quantize_weights`` layers; raise for int4 ones XNNPACK cannot
     take (a minimum per group: its groupwise weights have no zero point)."""
     layers = [(n, m) for n, m in gm.named_modules() if isinstance(m, WeightOnlyLinear)]
     for name, layer in layers:
         if layer.bits == 4 and not torch.equal(layer.minimum, -8 * layer.scale):
-            raise BackendError(
-                f"'{name}' holds asymmetric int4 weights (a minimum per group); XNNPACK's "
-                "groupwise linear takes codes around zero, with no zero point",
-                hint="quantize_weights(bits=4, ..., symmetric=True) for the executorch backend",
-            )
+            raise _asymmetric_int4(f"'{name}' holds")
     return bool(layers)
 
 
@@ -142,6 +146,14 @@ class ExecuTorchBackend(BundleBackend):
         check_app_options(mean, std, labels)
         _check_max_batch(max_batch)
         require_executorch()
+
+    def check_passes(self, passes: Sequence[Any]) -> None:
+        """Refuse ``quantize_weights`` with asymmetric int4 before any work."""
+        for step in passes:
+            if getattr(step, "name", None) != "quantize_weights":
+                continue
+            if step.options.bits == 4 and not step.options.symmetric:
+                raise _asymmetric_int4("quantize_weights(bits=4) without symmetric=True makes")
 
     def emit(
         self,
