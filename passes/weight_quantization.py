@@ -187,13 +187,15 @@ def _awq(
     scale = awq_scale([layer.weight.detach() for layer in layers], rows, grid)
     names = {str(n.target) for n in group}
     pair = next((p for p in scale_pairs(gm, norms=True) if set(p.consumers) == names), None)
+    input_scale = None
     if pair is not None:
         rescale_(gm, pair, scale)  # the norm's output divided, the layers' columns multiplied
-        return None, rows / scale
-    with torch.no_grad():
-        for layer in layers:
-            layer.weight.mul_(scale)
-    return 1 / scale, rows / scale
+    else:
+        with torch.no_grad():
+            for layer in layers:
+                layer.weight.mul_(scale)
+        input_scale = 1 / scale
+    return input_scale, rows / scale
 
 
 def _bits(

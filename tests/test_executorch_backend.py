@@ -382,6 +382,9 @@ def test_asymmetric_int4_is_refused_naming_the_option(tmp_path):
     passes = [quantize_weights(bits=4, group_size=32, progress=False)]
     with pytest.raises(BackendError, match=r"bits=4\) without symmetric=True makes asymmetric"):
         fxcomp.compile(model, inputs, passes, "executorch", tmp_path / "out")  # before the pass
+    inside = [fxcomp.Pipeline("compress", passes)]  # a pipeline's passes are checked too
+    with pytest.raises(BackendError, match=r"bits=4\) without symmetric=True makes asymmetric"):
+        fxcomp.compile(model, inputs, inside, "executorch", tmp_path / "out")
     own = [fxcomp.Pass("my_int4", passes[0].run)]  # a pass of the user's own: seen at the end
     with pytest.raises(BackendError, match=r"'model.layers.0.self_attn.q_proj' holds asymmetric"):
         fxcomp.compile(model, inputs, own, "executorch", tmp_path / "out")

@@ -22,7 +22,7 @@ from fxcomp.backends.onnx.backend import OnnxBackend
 from fxcomp.backends.openvino.backend import OpenVinoBackend
 from fxcomp.backends.torchscript import TorchScriptBackend
 from fxcomp.ir.errors import BackendError
-from fxcomp.quant.config import declared_config
+from fxcomp.quant.config import declared_config, nested_passes
 
 __all__ = ["BACKENDS", "Artifact", "Backend", "check_request", "get_backend"]
 
@@ -70,5 +70,5 @@ def check_request(
     backend.check_options(**dict(options or {}))
     passes = list(passes)
     backend.check_target(declared_config(passes))
-    backend.check_passes(passes)
+    backend.check_passes(nested_passes(passes))
     return backend

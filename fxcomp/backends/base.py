@@ -85,7 +85,8 @@ class Backend(ABC):
 
     def check_passes(self, passes: Sequence[Any]) -> None:
         """Raise ``BackendError`` for a pass whose output this backend cannot take, before
-        any work; every backend takes every pass unless it says otherwise."""
+        any work (``passes``: every pass, those inside a ``Pipeline`` too); every backend
+        takes every pass unless it says otherwise."""
         return None
 
     @abstractmethod

@@ -32,6 +32,7 @@ __all__ = [
     "QuantConfig",
     "declared_calibration_data",
     "declared_config",
+    "nested_passes",
 ]
 
 
@@ -104,7 +105,7 @@ def declared_config(passes: Iterable[Any]) -> QuantConfig | None:
         declared_config([fuse(), quantize(data, engine="qnnpack")]).engine   # "qnnpack"
     """
     found: dict[QuantConfig, str] = {}
-    for p in _nested(passes):
+    for p in nested_passes(passes):
         config = getattr(getattr(p, "options", None), "config", None)
         if isinstance(config, QuantConfig):
             found.setdefault(config, getattr(p, "name", "?"))
@@ -126,7 +127,7 @@ def declared_calibration_data(passes: Iterable[Any]) -> Iterable[Any] | None:
 
         declared_calibration_data([fuse(), quantize(batches)]) is batches   # True
     """
-    for p in _nested(passes):
+    for p in nested_passes(passes):
         options = getattr(p, "options", None)
         data = getattr(options, "calibration_data", None)
         if isinstance(getattr(options, "config", None), QuantConfig) and data is not None:
@@ -134,10 +135,15 @@ def declared_calibration_data(passes: Iterable[Any]) -> Iterable[Any] | None:
     return None
 
 
-def _nested(passes: Iterable[Any]) -> list[Any]:
-    """``passes`` and the passes inside each ``Pipeline``, in order."""
+def nested_passes(passes: Iterable[Any]) -> list[Any]:
+    """``passes`` and the passes inside each ``Pipeline``, in order.
+
+    Example::
+
+        [p.name for p in nested_passes([Pipeline("cleanup", [cse(), dce()])])]
+    """
     found = []
     for p in passes:
         found.append(p)
-        found.extend(_nested(getattr(p, "children", ())))
+        found.extend(nested_passes(getattr(p, "children", ())))
     return found

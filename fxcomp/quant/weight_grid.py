@@ -113,27 +113,28 @@ def clipped(
 
         codes, scale, minimum = clipped(layer.weight, rows, WeightGrid(4, 128))
     """
-    outputs, columns = weight.shape
-    groups = columns // grid.group_size
+    groups = weight.shape[1] // grid.group_size
     x = inputs[:rows].float().reshape(-1, groups, grid.group_size)
-    best = torch.full((outputs, groups), float("inf"))
-    scale, minimum = grid.params(weight)
-    for step in range(steps):
-        trial = grid.params(weight * (1 - 0.5 * step / steps))  # the range times the factor
-        error = weight - grid.value(grid.codes(weight, *trial), *trial)
-        loss = torch.cat(  # per output channel and group, chunked to bound memory
+
+    def loss(trial: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Per output channel and group, chunked to bound memory."""
+        error = (weight - grid.value(grid.codes(weight, *trial), *trial)).split(1024)
+        return torch.cat(
             [
-                torch.einsum("ngk,ogk->nog", x, chunk.reshape(-1, groups, grid.group_size))
+                torch.einsum("ngk,ogk->nog", x, e.reshape(-1, groups, grid.group_size))
                 .pow(2)
                 .sum(0)
-                for chunk in error.split(1024)
+                for e in error
             ]
         )
-        better = loss < best
-        best = torch.where(better, loss, best)
-        scale = torch.where(better, trial[0], scale)
-        if minimum is not None:
-            minimum = torch.where(better, trial[1], minimum)
+
+    # the range times 1, then smaller factors; the first (unclipped) wins ties
+    trials = [grid.params(weight * (1 - 0.5 * step / steps)) for step in range(steps)]
+    best = torch.stack([loss(trial) for trial in trials]).argmin(0)[None]
+    scale = torch.stack([trial[0] for trial in trials]).gather(0, best)[0]
+    minimum = None
+    if grid.bits == 4:
+        minimum = torch.stack([trial[1] for trial in trials]).gather(0, best)[0]
     return grid.codes(weight, scale, minimum), scale, minimum
 
 

@@ -167,7 +167,7 @@ class DecomposedWeightOnlyLinear(FusedModule):
         super().__init__()
         self.bits, self.group_size = layer.bits, layer.group_size
         codes = layer.codes()
-        integer = codes if layer.bits == 8 else (codes.to(torch.int16) - 8).to(torch.int8)
+        integer = codes if layer.bits == 8 else codes.to(torch.int8) - 8  # 0..15 -> -8..7
         scale = layer.scale.detach().float()
         self.register_buffer("integer_weight", integer.contiguous())
         self.register_buffer("weight_scale", scale[:, 0].clone() if layer.bits == 8 else scale)
