@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fxcomp.backends.bundle import load_bundle
 from fxcomp.backends.onnx.check import check
 
 EXAMPLE = Path(__file__).parent / "cli_models.py"
@@ -395,9 +396,19 @@ def test_compile_writes_symmetric_int4_weights_into_an_executorch_bundle(tmp_pat
         *("compile", "transformers:llama", "--input-shape", "1,16", "--calib", "stdlib"),
         *("--calib-batches", "1", "--passes", "quantize_weights", "--bits", "4"),
         *("--group-size", "32", "--symmetric", "--backend", "executorch"),
-        *("--latency-rounds", "0", "-o", str(tmp_path)),
+        *("--max-length", "64", "--latency-rounds", "0", "-o", str(tmp_path)),
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("rtn       4       32") == 14  # every Linear but the head
     assert re.search(r"sqnr_db_vs_reference +4\d\.\d", out.stdout)  # the .pte, 44-45 dB
-    assert (tmp_path / "model.fxbundle").is_file()
+    manifest = load_bundle(tmp_path / "model.fxbundle").manifest
+    assert manifest["max_length"] == 64 and manifest["inputs"][0]["dynamic_axes"] == [0, 1]
+
+
+def test_executorch_bounds_apply_to_that_backend_only(tmp_path):
+    out = fxcomp(
+        *("compile", "transformers:bert", "--input-shape", "1,16", "--calib", "stdlib"),
+        *("--passes", "fuse", "--backend", "onnx", "--max-length", "64", "-o", str(tmp_path)),
+    )
+    assert out.returncode != 0
+    assert "--max-length apply to --backend executorch only" in out.stderr

@@ -23,7 +23,7 @@ from torch import nn
 
 import fxcomp
 from fxcomp.backends import BACKENDS, check_request
-from fxcomp.backends.bundle import EXECUTORCH, MANIFEST, PROGRAMS, SAMPLES
+from fxcomp.backends.bundle import EXECUTORCH, MANIFEST, PROGRAMS, SAMPLES, output_leaves
 from fxcomp.backends.bundle_manifest import FILENAME
 from fxcomp.cli.calibration_data import photo_crops
 from fxcomp.cli.digits import DigitsNet, accuracy, load_digits_split, train
@@ -44,6 +44,7 @@ from fxcomp.passes import (
 from fxcomp.quant.config import QuantConfig
 from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.pipeline import calibrate, observe
+from fxcomp.runtime.parity import sqnr
 
 (PTE,) = PROGRAMS[EXECUTORCH]
 QUANTIZED_OPS = ("quantize_per_tensor", "dequantize_per_tensor", "dequantize_per_channel")
@@ -347,6 +348,49 @@ def test_transformer_dynamic_linears_run_in_xnnpack(name, tmp_path):
     if name == "gpt2":  # ExecuTorch's view pass refuses its dynamic batch: fixed, and said so
         assert manifest["inputs"][0]["dynamic_axes"] == []
         assert "batch axis fixed at 2" in manifest["notes"][0]
+
+
+def test_token_inputs_take_any_length_up_to_max_length(tmp_path):
+    """backend_options={"max_length": N}: the token inputs' sequence axis is dynamic up to N
+    tokens, verified at 1 and N tokens against the compiled graph, and recorded."""
+    model, inputs = transformer("bert")
+    passes = [quantize_dynamic(engine="xnnpack")]
+    options = {"max_length": 40}
+    result = fxcomp.compile(model, inputs, passes, "executorch", tmp_path, backend_options=options)
+    manifest, parity = result.artifact.manifest, result.artifact.parity
+    assert manifest["max_length"] == 40 and manifest["max_batch"] == 8
+    assert [i["dynamic_axes"] for i in manifest["inputs"]] == [[0, 1], [0, 1]]
+    # the hidden states follow the sequence; the pooled output does not
+    assert [o["dynamic_axes"] for o in manifest["outputs"]] == [[0, 1], [0]]
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    gen = torch.Generator().manual_seed(1)
+    for rows, length in ((3, 5), (1, 40), (8, 23)):
+        ids = torch.randint(0, 100, (rows, length), generator=gen)
+        mask = torch.ones_like(ids)
+        got = output_leaves(bundle(ids, mask))
+        with torch.no_grad():
+            expected = output_leaves(result.module(ids, mask))
+        assert got[0].shape == (rows, length, 64)
+        assert sqnr(expected, got) >= parity["sqnr_db_vs_reference"] - 3
+    with pytest.raises(InputError, match="sequences of up to 40 tokens, got 41"):
+        bundle(torch.zeros(1, 41, dtype=torch.long), torch.ones(1, 41, dtype=torch.long))
+
+
+def test_max_length_is_refused_where_it_cannot_apply(residual_net, image, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"token inputs .* the model's inputs are float32\["):
+        fxcomp.compile(
+            residual_net, image, [], "executorch", out, backend_options={"max_length": 16}
+        )
+    model, inputs = transformer("bert")
+    with pytest.raises(InputError, match="max_length 8 is shorter than the example inputs' 12"):
+        fxcomp.compile(model, inputs, [], "executorch", out, backend_options={"max_length": 8})
+    model, inputs = transformer("gpt2")  # 64 positions
+    with pytest.raises(InputError, match="the compiled graph does not run on 100 tokens"):
+        fxcomp.compile(model, inputs, [], "executorch", out, backend_options={"max_length": 100})
+    with pytest.raises(InputError, match="max_length must be a positive integer, got 0"):
+        check_request("executorch", [], {"max_length": 0})
+    assert not out.exists() or not any(out.iterdir())
 
 
 def _llama():

@@ -92,7 +92,7 @@ def compile(
     ``latency_rounds`` times the artifact against the float model, interleaved, and records
     the medians. ``backend_options`` go to the backend (``onnx``: ``opset``,
     ``dynamic_batch``, ``fp16_weights``; ``mobile``: ``mean``, ``std``, ``labels``;
-    ``executorch``: those and ``max_batch``).
+    ``executorch``: those, ``max_batch`` and ``max_length``).
 
     Example::
 

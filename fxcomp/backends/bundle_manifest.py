@@ -8,7 +8,7 @@ Example::
     check_app_options(mean, std, labels)
     artifact = bundle_artifact("mobile", gm, ctx, out_dir, program={"model.ptl": ptl}, run=module,
                                fields={"runtime": LITE, ...}, quantized=True, what="lite",
-                               dynamic_batch=lambda outputs, atol: True)
+                               dynamic_axes=lambda outputs, atol: DynamicAxes.batch(1, 1, True))
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from fxcomp.runtime.parity import FLOAT_SQNR_DB, checked_parity
 __all__ = [
     "FILENAME",
     "BundleBackend",
+    "DynamicAxes",
     "bundle_artifact",
     "check_app_options",
     "runs_one_more_row",
@@ -114,6 +116,25 @@ def _sample_tolerance(
     return rtol * biggest + 1e-6, f"{rtol:g} of the largest output"
 
 
+@dataclass(frozen=True)
+class DynamicAxes:
+    """The axes of each input and each output that the program takes at other sizes.
+
+    Example::
+
+        DynamicAxes.batch(1, 1, True)  # DynamicAxes(inputs=[[0]], outputs=[[0]])
+    """
+
+    inputs: list[list[int]]
+    outputs: list[list[int]]
+
+    @classmethod
+    def batch(cls, inputs: int, outputs: int, dynamic: bool) -> DynamicAxes:
+        """Axis 0 of every one of ``inputs`` inputs and ``outputs`` outputs, or none."""
+        axes = [0] if dynamic else []
+        return cls([list(axes) for _ in range(inputs)], [list(axes) for _ in range(outputs)])
+
+
 def runs_one_more_row(
     module: Callable[..., Any], inputs: tuple, outputs: list[torch.Tensor], atol: float
 ) -> bool:
@@ -137,15 +158,17 @@ def _names(prefix: str, count: int) -> list[str]:
     return [prefix] if count == 1 else [f"{prefix}_{i}" for i in range(count)]
 
 
-def _describe(tensors: Sequence[torch.Tensor], names: list[str], dynamic: bool) -> list[dict]:
+def _describe(
+    tensors: Sequence[torch.Tensor], names: list[str], axes: list[list[int]]
+) -> list[dict]:
     return [
         {
             "name": name,
             "shape": list(t.shape),
             "dtype": str(t.dtype).removeprefix("torch."),
-            "dynamic_axes": [0] if dynamic else [],
+            "dynamic_axes": dynamic,
         }
-        for name, t in zip(names, tensors, strict=True)
+        for name, t, dynamic in zip(names, tensors, axes, strict=True)
     ]
 
 
@@ -154,7 +177,7 @@ def _bundle_contents(
     inputs: tuple,
     outputs: list[torch.Tensor],
     *,
-    dynamic: bool,
+    dynamic: DynamicAxes,
     atol: float,
     atol_is: str,
     mean: Sequence[float] | None = None,
@@ -166,8 +189,8 @@ def _bundle_contents(
     input_names, output_names = _names("input", len(inputs)), _names("output", len(outputs))
     manifest = {
         **fields,
-        "inputs": _describe(inputs, input_names, dynamic),
-        "outputs": _describe(outputs, output_names, dynamic),
+        "inputs": _describe(inputs, input_names, dynamic.inputs),
+        "outputs": _describe(outputs, output_names, dynamic.outputs),
         "preprocessing": None if mean is None else {"mean": list(mean), "std": list(std or ())},
         "labels": None if labels is None else list(labels),
         "samples": {
@@ -210,7 +233,7 @@ def bundle_artifact(
     fields: dict[str, Any],
     quantized: bool,
     what: str,
-    dynamic_batch: Callable[[list[torch.Tensor], float], bool],
+    dynamic_axes: Callable[[list[torch.Tensor], float], DynamicAxes],
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     labels: Sequence[str] | None = None,
@@ -218,7 +241,7 @@ def bundle_artifact(
 ) -> Artifact:
     """Run ``program`` (loaded as ``run``) on the example inputs, check it against the
     reference graph and the float model (a float program to ``min_db``), ask
-    ``dynamic_batch(outputs, atol)`` whether the batch axis is dynamic, and write the
+    ``dynamic_axes(outputs, atol)`` which axes take other sizes, and write the
     bundle, with ``fields`` and the parity figures in its manifest, as
     ``out_dir/model.fxbundle`` once it loads back and reproduces its samples."""
     inputs = tuple(ctx.config.example_inputs)
@@ -234,7 +257,7 @@ def bundle_artifact(
         min_db=min_db,
     )
     atol, atol_is = _sample_tolerance(gm, outputs, quantized)
-    dynamic = dynamic_batch(outputs, atol)
+    dynamic = dynamic_axes(outputs, atol)
     fields = {**fields, "parity": {k: v for k, v in figures.items() if math.isfinite(v)}}
     manifest, samples = _bundle_contents(
         fields,

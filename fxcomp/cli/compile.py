@@ -144,6 +144,17 @@ _PASS_FLAGS = (
 @click.option("--streams", type=click.IntRange(min=1), help="openvino: inference streams.")
 @click.option("--threads", type=click.IntRange(min=1), help="openvino: inference threads.")
 @click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    help="executorch: the most rows the program takes [default: 8].",
+)
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=1),
+    help="executorch: token inputs take any length up to this many tokens [default: the "
+    "example's length, fixed].",
+)
+@click.option(
     "--analyze",
     "with_analysis",
     is_flag=True,
@@ -173,6 +184,8 @@ def compile_command(
     hint: str | None,
     streams: int | None,
     threads: int | None,
+    max_batch: int | None,
+    max_length: int | None,
     with_analysis: bool,
     latency_rounds: int,
     output_dir: Path,
@@ -184,7 +197,8 @@ def compile_command(
     report.html to -o DIR. Pass flags (--ratio, --engine, ...) go to the passes that take
     them."""
     runtime = {"precision": precision, "hint": hint, "streams": streams, "threads": threads}
-    options = _backend_options(backend, mean, std, labels, runtime)
+    shapes = {"max_batch": max_batch, "max_length": max_length}
+    options = _backend_options(backend, mean, std, labels, runtime, shapes)
     shape = parse_shape(input_shape)
     data = calibration_batches(calib, shape, batches=calib_batches)
     flags = given_flags(ctx, _PASS_FLAGS)
@@ -237,9 +251,11 @@ def _backend_options(
     std: str | None,
     labels: Path | None,
     runtime: dict[str, Any],
+    shapes: dict[str, Any],
 ) -> dict[str, Any]:
-    """The bundling backends' options from --mean, --std and --labels, and OpenVINO's from
-    --precision, --hint, --streams and --threads."""
+    """The bundling backends' options from --mean, --std and --labels, OpenVINO's from
+    --precision, --hint, --streams and --threads, and ExecuTorch's from --max-batch and
+    --max-length."""
     given = {"mean": mean, "std": std, "labels": labels}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if options and backend not in _BUNDLING:
@@ -251,6 +267,11 @@ def _backend_options(
     if chosen and backend != "openvino":
         raise InputError(f"--{', --'.join(chosen)} apply to --backend openvino only")
     options.update(chosen)
+    bounds = {k: v for k, v in shapes.items() if v is not None}
+    if bounds and backend != "executorch":
+        flags = ", --".join(k.replace("_", "-") for k in bounds)
+        raise InputError(f"--{flags} apply to --backend executorch only")
+    options.update(bounds)
     for key in ("mean", "std"):
         if key in options:
             try:

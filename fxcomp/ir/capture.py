@@ -39,7 +39,15 @@ from fxcomp.ir.lift import lift
 from fxcomp.ir.meta import MADE_BY, GraphSlot
 from fxcomp.ir.trace import LeafSpec, prepared_copy, propagate_shapes, symbolic_trace
 
-__all__ = ["CAPTURE", "CAPTURES", "Captured", "capture", "named_inputs", "trace"]
+__all__ = [
+    "CAPTURE",
+    "CAPTURES",
+    "Captured",
+    "capture",
+    "is_token_input",
+    "named_inputs",
+    "trace",
+]
 
 CAPTURES = ("auto", "symbolic", "export")
 CAPTURE: GraphSlot[dict] = GraphSlot(
@@ -212,6 +220,17 @@ def _export(root: nn.Module, bound: _Bound, dynamic_shapes: Any) -> tuple[GraphM
     return lift(root, exported.module(), bound.settings()), _static_axes(exported, axes)
 
 
+def is_token_input(value: object) -> bool:
+    """An integer tensor of rank 2 or more: token ids or a mask, (batch, sequence, ...), whose
+    axis 1 is the sequence.
+
+    Example::
+
+        is_token_input(torch.ones(2, 12, dtype=torch.long))  # True
+    """
+    return isinstance(value, torch.Tensor) and value.dim() >= 2 and not value.is_floating_point()
+
+
 def _default_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Batch (axis 0) of every tensor input, and sequence (axis 1) of integer ones, in
     ``torch.export``'s ``dynamic_shapes`` form (a dict for keyword inputs, else a tuple)."""
@@ -220,7 +239,7 @@ def _default_dynamic(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             return None
         dynamic = {0: Dim.AUTO}
-        if value.dim() >= 2 and not value.is_floating_point():
+        if is_token_input(value):
             dynamic[1] = Dim.AUTO
         return dynamic
 

@@ -33,16 +33,18 @@ import torch
 from torch.fx import GraphModule
 
 from fxcomp.backends.base import Artifact
-from fxcomp.backends.bundle import EXECUTORCH, PROGRAMS
+from fxcomp.backends.bundle import EXECUTORCH, PROGRAMS, output_leaves
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
+    DynamicAxes,
     bundle_artifact,
     check_app_options,
     runs_one_more_row,
 )
 from fxcomp.backends.executorch.decomposed import decomposed_graph
 from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
-from fxcomp.ir.errors import BackendError, InputError
+from fxcomp.ir.capture import is_token_input
+from fxcomp.ir.errors import BackendError, InputError, VerificationError
 from fxcomp.nn.weight_only import WeightOnlyLinear
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.config import QUANT_CONFIG
@@ -50,6 +52,7 @@ from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.layers import layer_schemes
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
+from fxcomp.runtime.parity import FLOAT_SQNR_DB, MARGIN_DB, sqnr
 
 __all__ = ["ExecuTorchBackend"]
 
@@ -106,12 +109,88 @@ def _check_weight_only(gm: GraphModule) -> bool:
     return bool(layers)
 
 
-def _check_max_batch(max_batch: int) -> None:
+def _check_max_batch(max_batch: int, max_length: int | None) -> None:
     if not isinstance(max_batch, int) or max_batch < 1:
         raise InputError(
             f"max_batch must be a positive integer, got {max_batch!r}",
             hint="1 keeps the example's batch size; more makes the batch axis dynamic",
         )
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise InputError(
+            f"max_length must be a positive integer, got {max_length!r}",
+            hint="the most tokens the program takes; leave it out to keep the example's length",
+        )
+
+
+def _check_max_length(inputs: tuple, max_length: int | None) -> None:
+    """Raise ``InputError`` when ``max_length`` has no token input to apply to, or is
+    shorter than the example."""
+    if max_length is None:
+        return
+    tokens = [x for x in inputs if is_token_input(x)]
+    if not tokens:
+        shapes = ", ".join(f"{str(x.dtype).removeprefix('torch.')}{list(x.shape)}" for x in inputs)
+        raise InputError(
+            f"max_length sets the sequence axis of token inputs (integer, rank 2 or more); "
+            f"the model's inputs are {shapes}",
+            hint="leave max_length out for this model",
+        )
+    example = max(x.shape[1] for x in tokens)
+    if max_length < example:
+        raise InputError(
+            f"max_length {max_length} is shorter than the example inputs' {example} tokens",
+            hint=f"give max_length of at least {example}",
+        )
+
+
+def _tiled(inputs: tuple, length: int) -> tuple:
+    """The inputs with every token input's sequence repeated, or cut, to ``length``."""
+
+    def tile(x: torch.Tensor) -> torch.Tensor:
+        if not is_token_input(x):
+            return x
+        times = -(-length // x.shape[1])
+        return x.repeat(1, times, *([1] * (x.dim() - 2)))[:, :length]
+
+    return tuple(tile(x) for x in inputs)
+
+
+def _sequence_axes(
+    gm: GraphModule,
+    program: ExecuTorchProgram,
+    inputs: tuple,
+    outputs: list[torch.Tensor],
+    max_length: int,
+) -> list[list[int]]:
+    """Run the program on the longest and the shortest sequence it takes and compare it with
+    the compiled graph: it must agree as closely as on the example, within ``MARGIN_DB``;
+    the output axes whose size follows the sequence's."""
+    with torch.no_grad():
+        example_db = min(sqnr(output_leaves(gm(*inputs)), outputs), FLOAT_SQNR_DB)
+    changed: set[tuple[int, int]] = set()
+    for length in sorted({1, max_length}):
+        tiled = _tiled(inputs, length)
+        with torch.no_grad():
+            try:
+                expected = output_leaves(gm(*tiled))
+            except Exception as err:
+                raise InputError(
+                    f"the compiled graph does not run on {length} tokens: "
+                    f"{type(err).__name__}: {err}",
+                    hint="give a max_length the model takes (at most its position embeddings)",
+                ) from err
+            got = output_leaves(program(*tiled))
+        figure = sqnr(expected, got)
+        if figure < example_db - MARGIN_DB:
+            raise VerificationError(
+                f"on {length} tokens the ExecuTorch program is {figure:.1f} dB from the "
+                f"compiled graph, against {example_db:.1f} dB on the example's "
+                f"{max(x.shape[1] for x in inputs if is_token_input(x))}",
+                hint="compile without max_length: the sequence then stays at the example's length",
+            )
+        for index, (e, o) in enumerate(zip(got, outputs, strict=True)):
+            changed.update((index, a) for a in range(1, o.dim()) if e.shape[a] != o.shape[a])
+    return [sorted(a for i, a in changed if i == index) for index in range(len(outputs))]
 
 
 def _max_rows(program: ExecuTorchProgram, asked: int, notes: list[str]) -> int:
@@ -140,11 +219,12 @@ class ExecuTorchBackend(BundleBackend):
         std: Sequence[float] | None = None,
         labels: Sequence[str] | None = None,
         max_batch: int = MAX_BATCH,
+        max_length: int | None = None,
     ) -> None:
         """Raise ``InputError`` for options the backend cannot record, ``BackendError`` when
         ExecuTorch is not installed (unknown names raise ``TypeError`` naming them)."""
         check_app_options(mean, std, labels)
-        _check_max_batch(max_batch)
+        _check_max_batch(max_batch, max_length)
         require_executorch()
 
     def check_passes(self, passes: Sequence[Any]) -> None:
@@ -165,13 +245,18 @@ class ExecuTorchBackend(BundleBackend):
         std: Sequence[float] | None = None,
         labels: Sequence[str] | None = None,
         max_batch: int = MAX_BATCH,
+        max_length: int | None = None,
     ) -> Artifact:
         """Lower ``gm`` to an XNNPACK-delegated ``.pte``, verify it in ExecuTorch's runtime,
-        and bundle it with its manifest and samples as ``out_dir/model.fxbundle``."""
-        self.check_options(mean=mean, std=std, labels=labels, max_batch=max_batch)
+        and bundle it with its manifest and samples as ``out_dir/model.fxbundle``; with
+        ``max_length`` token inputs take any length up to it (verified at 1 and at it)."""
+        self.check_options(
+            mean=mean, std=std, labels=labels, max_batch=max_batch, max_length=max_length
+        )
         engine = _quantized_engine(gm)
         inputs = tuple(ctx.config.example_inputs)
-        lowered = lower(decomposed_graph(gm), inputs, max_batch=max_batch)
+        _check_max_length(inputs, max_length)
+        lowered = lower(decomposed_graph(gm), inputs, max_batch=max_batch, max_length=max_length)
         program = ExecuTorchProgram(lowered.program)
         fields: dict[str, Any] = {
             "runtime": EXECUTORCH,
@@ -186,11 +271,27 @@ class ExecuTorchBackend(BundleBackend):
             "notes": lowered.notes,
         }
 
-        def dynamic_batch(outputs: list[torch.Tensor], atol: float) -> bool:
+        def dynamic_axes(outputs: list[torch.Tensor], atol: float) -> DynamicAxes:
             dynamic = lowered.dynamic_batch and runs_one_more_row(program, inputs, outputs, atol)
+            if lowered.dynamic_batch and not dynamic:
+                lowered.notes.append(
+                    f"batch axis fixed at {inputs[0].shape[0]}: the lowered program does not "
+                    "run one more row as it runs the example's"
+                )
             rows = _max_rows(program, max_batch, lowered.notes) if dynamic else inputs[0].shape[0]
             fields["max_batch"] = rows  # what the loaded bundle's program will refuse beyond
-            return dynamic
+            axes = DynamicAxes.batch(len(inputs), len(outputs), dynamic)
+            if max_length is None:
+                return axes
+            fields["max_length"] = max_length
+            sequence = _sequence_axes(gm, program, inputs, outputs, max_length)
+            return DynamicAxes(
+                [
+                    [*a, 1] if is_token_input(x) else a
+                    for a, x in zip(axes.inputs, inputs, strict=True)
+                ],
+                [a + s for a, s in zip(axes.outputs, sequence, strict=True)],
+            )
 
         return bundle_artifact(
             self.name,
@@ -202,7 +303,7 @@ class ExecuTorchBackend(BundleBackend):
             fields=fields,
             quantized=engine is not None,
             what="ExecuTorch",
-            dynamic_batch=dynamic_batch,
+            dynamic_axes=dynamic_axes,
             mean=mean,
             std=std,
             labels=labels,

@@ -2,7 +2,8 @@
 ExecuTorch's runtime.
 
 ``lower`` exports the module (``torch.export``, with the batch axis dynamic up to
-``max_batch`` where the model allows it), lowers it with ``to_edge_transform_and_lower``
+``max_batch`` where the model allows it, and the sequence axis of token inputs up to
+``max_length`` when one is given), lowers it with ``to_edge_transform_and_lower``
 and the XNNPACK partitioner, and serialises the ``.pte`` program; it says which ops XNNPACK
 took and which were left on ExecuTorch's portable kernels (a convolution or linear left
 there is a performance bug, named in the notes). ``open_program`` loads a ``.pte`` with
@@ -11,7 +12,7 @@ ExecuTorch's runtime as a callable. ExecuTorch is an optional extra: without it 
 
 Example::
 
-    lowered = lower(decomposed_gm, (x,), max_batch=16)
+    lowered = lower(decomposed_gm, (x,), max_batch=16, max_length=None)
     program = open_program({"model.pte": lowered.program}, {}, Path("model.pte"))
     logits = program(x)
 """
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxcomp.ir.capture import is_token_input
 from fxcomp.ir.errors import BackendError, InputError
 
 __all__ = ["ExecuTorchProgram", "Lowered", "lower", "open_program", "require_executorch"]
@@ -61,6 +63,7 @@ class Lowered:
     delegated: dict[str, int]  # op -> count run by XNNPACK
     portable: list[dict[str, str]]  # ops left on the portable kernels: op, node, module
     dynamic_batch: bool
+    dynamic_sequence: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -93,13 +96,24 @@ def _delegation(edge_gm: torch.fx.GraphModule) -> tuple[dict[str, int], list[dic
     return dict(sorted(delegated.items())), portable
 
 
-def _dynamic_export(module: nn.Module, inputs: tuple, max_batch: int) -> Any:
-    """The exported program with the batch axis dynamic up to ``max_batch`` rows."""
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    # an example batch of one would be specialised: export on two rows
-    rows = tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
-    shapes = tuple({0: batch} for _ in rows)
-    return torch.export.export(module, rows, dynamic_shapes=shapes, strict=False)
+def _dynamic_export(
+    module: nn.Module, inputs: tuple, max_batch: int | None, max_length: int | None
+) -> Any:
+    """The exported program with the batch axis dynamic up to ``max_batch`` rows and the
+    sequence axis of token inputs up to ``max_length`` (None: that axis stays fixed)."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch) if max_batch else None
+    sequence = torch.export.Dim("sequence", min=1, max=max_length) if max_length else None
+    examples, shapes = [], []
+    for x in inputs:
+        axes = {}
+        for axis, dim in ((0, batch), (1, sequence if is_token_input(x) else None)):
+            if dim is not None:
+                axes[axis] = dim
+                # an axis of size one would be specialised: export on two
+                x = torch.cat([x, x], axis) if x.shape[axis] == 1 else x
+        examples.append(x)
+        shapes.append(axes or None)
+    return torch.export.export(module, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
 
 
 def _lowered(exported: Any) -> tuple[tuple[dict[str, int], list[dict[str, str]]], bytes]:
@@ -112,27 +126,44 @@ def _lowered(exported: Any) -> tuple[tuple[dict[str, int], list[dict[str, str]]]
     return delegation, bytes(edge.to_executorch().buffer)
 
 
-def _program(module: nn.Module, inputs: tuple, max_batch: int) -> tuple[Any, bytes, bool, list]:
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _program(
+    module: nn.Module, inputs: tuple, max_batch: int, max_length: int | None
+) -> tuple[Any, bytes, bool, list]:
     """The program lowered for XNNPACK with a dynamic batch axis where the model, export and
-    ExecuTorch's passes allow it, else at the example's batch size (a note says why)."""
+    ExecuTorch's passes allow it, else at the example's batch size (a note says why); with
+    the sequence axis dynamic up to ``max_length`` when one is given, or ``BackendError``."""
     notes = []
     if max_batch > 1 and all(isinstance(x, torch.Tensor) and x.dim() > 0 for x in inputs):
         try:
-            return (*_lowered(_dynamic_export(module, inputs, max_batch)), True, notes)
+            exported = _dynamic_export(module, inputs, max_batch, max_length)
+            return (*_lowered(exported), True, notes)
         except Exception as err:  # any capture, partition or serialisation failure
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             notes.append(
                 f"batch axis fixed at {inputs[0].shape[0]}: the graph could not be lowered "
-                f"with a dynamic batch ({first})"
+                f"with a dynamic batch ({_first_line(err)})"
             )
             log.info("executorch backend: %s", notes[-1])
-    return (*_lowered(torch.export.export(module, inputs, strict=False)), False, notes)
+    try:
+        return (*_lowered(_dynamic_export(module, inputs, None, max_length)), False, notes)
+    except Exception as err:
+        if max_length is None:
+            raise
+        raise BackendError(
+            f"the graph could not be lowered with its sequence axis dynamic up to "
+            f"{max_length} tokens ({_first_line(err)})",
+            hint="compile without max_length: the sequence then stays at the example's length",
+        ) from err
 
 
-def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:
-    """Export ``module`` on ``inputs``, delegate what XNNPACK takes, serialise the program."""
+def lower(module: nn.Module, inputs: tuple, *, max_batch: int, max_length: int | None) -> Lowered:
+    """Export ``module`` on ``inputs``, delegate what XNNPACK takes, serialise the program;
+    token inputs' sequence axis is dynamic up to ``max_length`` tokens (None: fixed)."""
     require_executorch()
-    (delegated, portable), program, dynamic, notes = _program(module, inputs, max_batch)
+    (delegated, portable), program, dynamic, notes = _program(module, inputs, max_batch, max_length)
     for op in portable:
         if any(kind in f".{op['op']}." for kind in _COMPUTE):
             where = f" ({op['module']})" if op["module"] else ""
@@ -141,21 +172,25 @@ def lower(module: nn.Module, inputs: tuple, *, max_batch: int) -> Lowered:
                 "XNNPACK: a performance bug; its inputs are not in a form XNNPACK takes"
             )
             log.warning("executorch backend: %s", notes[-1])
-    return Lowered(program, delegated, portable, dynamic, notes)
+    return Lowered(program, delegated, portable, dynamic, max_length is not None, notes)
 
 
 class ExecuTorchProgram:
     """A ``.pte`` program loaded by ExecuTorch's runtime, called with torch tensors; one
     output comes back as a tensor, several as a tuple. Its memory is planned for batches of
-    up to ``max_batch`` rows (None: not known). Its work runs on XNNPACK's thread pool,
-    which timing keeps apart from PyTorch's (``fxcomp.runtime.latency``)."""
+    up to ``max_batch`` rows and token inputs of up to ``max_length`` tokens (None: not
+    known). Its work runs on XNNPACK's thread pool, which timing keeps apart from PyTorch's
+    (``fxcomp.runtime.latency``)."""
 
     thread_pool = "executorch"
 
-    def __init__(self, program: bytes, max_batch: int | None = None) -> None:
+    def __init__(
+        self, program: bytes, max_batch: int | None = None, max_length: int | None = None
+    ) -> None:
         from executorch.runtime import Runtime
 
         self.max_batch = max_batch
+        self.max_length = max_length
         self._data = program  # the runtime reads from it: it must outlive the method
         self._program = Runtime.get().load_program(program)
         self.method = self._program.load_method("forward")
@@ -172,6 +207,13 @@ class ExecuTorchProgram:
                 f"the program was made for batches of up to {self.max_batch} rows, got {rows}",
                 hint="run it on smaller batches, or compile with backend_options={'max_batch': N}",
             )
+        longest = max((x.shape[1] for x in inputs if is_token_input(x)), default=None)
+        if self.max_length is not None and longest is not None and longest > self.max_length:
+            raise InputError(
+                f"the program was made for sequences of up to {self.max_length} tokens, got "
+                f"{longest}",
+                hint="shorten the input, or compile with backend_options={'max_length': N}",
+            )
         outputs = self.method.execute([x.contiguous() for x in inputs])
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
@@ -184,7 +226,7 @@ def open_program(
     require_executorch()
     (program,) = members.values()
     try:
-        return ExecuTorchProgram(program, manifest.get("max_batch"))
+        return ExecuTorchProgram(program, manifest.get("max_batch"), manifest.get("max_length"))
     except Exception as err:
         made_with = manifest.get("versions", {}).get("executorch")
         raise BackendError(

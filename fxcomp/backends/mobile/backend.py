@@ -32,6 +32,7 @@ from fxcomp.backends.base import Artifact
 from fxcomp.backends.bundle import LITE, PROGRAMS
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
+    DynamicAxes,
     bundle_artifact,
     check_app_options,
     runs_one_more_row,
@@ -148,7 +149,9 @@ class MobileBackend(BundleBackend):
             fields=fields,
             quantized=engine is not None,
             what="lite interpreter",
-            dynamic_batch=lambda outputs, atol: runs_one_more_row(module, inputs, outputs, atol),
+            dynamic_axes=lambda outputs, atol: DynamicAxes.batch(
+                len(inputs), len(outputs), runs_one_more_row(module, inputs, outputs, atol)
+            ),
             mean=mean,
             std=std,
             labels=labels,

@@ -38,6 +38,7 @@ from torch.fx import GraphModule
 from fxcomp.backends.base import Artifact, Backend, artifact_path, expected_outputs
 from fxcomp.backends.onnx.check import check
 from fxcomp.ir.atomic import write_atomic
+from fxcomp.ir.capture import is_token_input
 from fxcomp.ir.errors import BackendError, InputError
 from fxcomp.pipeline.context import CompileContext
 from fxcomp.quant.config import QUANT_CONFIG
@@ -111,7 +112,7 @@ def export(
     axes = None
     if dynamic_batch:  # and the sequence of token ids and masks
         axes = {
-            name: {0: "batch", 1: "sequence"} if _is_tokens(x) else {0: "batch"}
+            name: {0: "batch", 1: "sequence"} if is_token_input(x) else {0: "batch"}
             for name, x in zip(inputs, example_inputs, strict=True)
         }
         axes["output"] = {0: "batch"}
@@ -137,11 +138,6 @@ def export(
     if fp16_weights:
         _store_half(model.graph)
     return model
-
-
-def _is_tokens(x: object) -> bool:
-    """An integer input of rank 2 or more: token ids or a mask, (batch, sequence, ...)."""
-    return isinstance(x, torch.Tensor) and x.dim() >= 2 and not x.is_floating_point()
 
 
 def _flatten_as_reshape(graph: onnx.GraphProto) -> None:

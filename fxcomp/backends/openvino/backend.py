@@ -44,6 +44,7 @@ from fxcomp.backends.base import Artifact, expected_outputs
 from fxcomp.backends.bundle import OPENVINO, PROGRAMS
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
+    DynamicAxes,
     bundle_artifact,
     check_app_options,
     runs_one_more_row,
@@ -256,8 +257,10 @@ class OpenVinoBackend(BundleBackend):
             fields=fields,
             quantized=engine is not None,
             what="OpenVINO",
-            dynamic_batch=lambda outputs, atol: (
-                dynamic_batch and runs_one_more_row(model, inputs, outputs, atol)
+            dynamic_axes=lambda outputs, atol: DynamicAxes.batch(
+                len(inputs),
+                len(outputs),
+                dynamic_batch and runs_one_more_row(model, inputs, outputs, atol),
             ),
             mean=mean,
             std=std,
