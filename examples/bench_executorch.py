@@ -33,7 +33,8 @@ Both quantizers calibrate on ``--calib-batches`` batches of 8 normal-noise image
 * SQNR in dB of each quantized program's output against the float model's on the 16
   held-out images, one at a time; and, since on these random-weight networks a 1% change
   of one grid moves MobileNetV3's figure by half a dB, its mean over ``--sqnr-seeds``
-  noise seeds (calibration and held-out images drawn again, both quantizers run again);
+  noise seeds (calibration and held-out images drawn again, both quantizers run again),
+  with a third program there: fxcomp's with ``quantize(..., bias_correction=True)``;
 * file sizes, the ops XNNPACK runs, and the ops left to ExecuTorch's portable kernels.
 
 The digits CNN (trained on scikit-learn's digits in seconds) gives accuracy: the float
@@ -73,6 +74,7 @@ from fxcomp.runtime.latency import median_latency
 from fxcomp.runtime.parity import sqnr
 
 PROGRAMS = ("float", "pt2e", "fxcomp")
+CORRECTED = "fxcomp + bias correction"
 SINGLE = {"max_batch": 1}
 
 
@@ -100,9 +102,10 @@ def pt2e_program(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tens
     return lower(converted, (x,), max_batch=1)
 
 
-def int8_passes(calibration: list[torch.Tensor]) -> list:
+def int8_passes(calibration: list[torch.Tensor], bias_correction: bool = False) -> list:
     """fxcomp's INT8 for XNNPACK."""
-    return [fuse(), quantize(calibration, engine="xnnpack", progress=False)]
+    step = quantize(calibration, engine="xnnpack", progress=False, bias_correction=bias_correction)
+    return [fuse(), step]
 
 
 def pte_bundle(model: nn.Module, x: torch.Tensor, passes: list, out: Path):
@@ -178,11 +181,11 @@ def int8_sqnr(name: str, seed: int, calib_batches: int, work: Path) -> dict[str,
     calibration, held_out = noise_data(seed, calib_batches)
     model = prepared_model(name, calibration)
     x = calibration[0][:1]
-    bundle = pte_bundle(model, x, int8_passes(calibration), work / f"{name}-{seed}")
-    programs = {
-        "pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program),
-        "fxcomp": fxcomp.load_bundle(bundle.path).module,
-    }
+    programs = {"pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program)}
+    for key, corrected in (("fxcomp", False), (CORRECTED, True)):
+        passes = int8_passes(calibration, bias_correction=corrected)
+        bundle = pte_bundle(model, x, passes, work / f"{name}-{seed}-{key}")
+        programs[key] = fxcomp.load_bundle(bundle.path).module
     with torch.no_grad():
         reference = model(held_out)
     return {key: sqnr(reference, one_by_one(p, held_out)) for key, p in programs.items()}
@@ -204,6 +207,11 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     lite_ms = json.loads(lite_run.stdout.strip().splitlines()[-1])
     print(f"{name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in {**ms, **lite_ms}.items()))
     first = {key: sqnr(reference, outputs[key]) for key in ("pt2e", "fxcomp")}
+    passes = int8_passes(calibration, bias_correction=True)
+    corrected = pte_bundle(model, calibration[0][:1], passes, work / f"{name}-corrected")
+    first[CORRECTED] = sqnr(
+        reference, one_by_one(fxcomp.load_bundle(corrected.path).module, held_out)
+    )
     seeds = range(args.seed + 1, args.seed + args.sqnr_seeds)
     by_seed = [first] + [int8_sqnr(name, seed, args.calib_batches, work) for seed in seeds]
     print(f"{name}: SQNR by seed {by_seed}")
@@ -310,14 +318,13 @@ def measure_encoder(args: argparse.Namespace) -> dict:
 
 def sqnr_row(result: dict) -> list[str]:
     by_seed = result["sqnr_db_by_seed"]
-    gaps = [seed["fxcomp"] - seed["pt2e"] for seed in by_seed]
-    return [
-        result["model"],
-        f"{statistics.mean(seed['pt2e'] for seed in by_seed):.2f}",
-        f"{statistics.mean(seed['fxcomp'] for seed in by_seed):.2f}",
-        f"{statistics.mean(gaps):+.2f}",
-        " ".join(f"{gap:+.2f}" for gap in gaps),
-    ]
+    row = [result["model"]]
+    row += [f"{statistics.mean(seed[k] for seed in by_seed):.2f}" for k in ("pt2e", "fxcomp")]
+    row.append(f"{statistics.mean(seed[CORRECTED] for seed in by_seed):.2f}")
+    for key in ("fxcomp", CORRECTED):
+        gaps = [seed[key] - seed["pt2e"] for seed in by_seed]
+        row += [f"{statistics.mean(gaps):+.2f}", " ".join(f"{gap:+.2f}" for gap in gaps)]
+    return row
 
 
 def tables_of(results: list[dict], digits: dict, encoder: dict | None) -> list:
@@ -379,8 +386,11 @@ def tables_of(results: list[dict], digits: dict, encoder: dict | None) -> list:
                 f"SQNR dB over {len(results[0]['sqnr_db_by_seed'])} noise seeds",
                 "pt2e mean",
                 "fxcomp mean",
+                "fxcomp + bias correction mean",
                 "fxcomp - pt2e, mean",
                 "fxcomp - pt2e, each seed",
+                "corrected - pt2e, mean",
+                "corrected - pt2e, each seed",
             ],
         ),
         ([[k, f"{v:.2f}"] for k, v in digits.items()], ["digits CNN", "test accuracy %"]),

@@ -35,7 +35,7 @@ from fxcomp.backends.bundle_manifest import (
     DynamicAxes,
     bundle_artifact,
     check_app_options,
-    runs_one_more_row,
+    runs_another_batch,
 )
 from fxcomp.backends.mobile.lite import load_program
 from fxcomp.ir.errors import BackendError
@@ -150,7 +150,7 @@ class MobileBackend(BundleBackend):
             quantized=engine is not None,
             what="lite interpreter",
             dynamic_axes=lambda outputs, atol: DynamicAxes.batch(
-                len(inputs), len(outputs), runs_one_more_row(module, inputs, outputs, atol)
+                len(inputs), len(outputs), runs_another_batch(module, inputs, outputs, atol)
             ),
             mean=mean,
             std=std,

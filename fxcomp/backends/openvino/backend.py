@@ -47,7 +47,7 @@ from fxcomp.backends.bundle_manifest import (
     DynamicAxes,
     bundle_artifact,
     check_app_options,
-    runs_one_more_row,
+    runs_another_batch,
 )
 from fxcomp.backends.onnx.backend import export
 from fxcomp.backends.openvino.runtime import (
@@ -260,7 +260,7 @@ class OpenVinoBackend(BundleBackend):
             dynamic_axes=lambda outputs, atol: DynamicAxes.batch(
                 len(inputs),
                 len(outputs),
-                dynamic_batch and runs_one_more_row(model, inputs, outputs, atol),
+                dynamic_batch and runs_another_batch(model, inputs, outputs, atol),
             ),
             mean=mean,
             std=std,
