@@ -269,15 +269,11 @@ class ExecuTorchBackend(BundleBackend):
         # weight-only Linears run as dynamically quantized linears, which quantize their
         # inputs per row: the program is held to the graph that does so, not to the
         # reference graph, whose activations stay float
-        checked = decomposed if _check_weight_only(gm) else gm
-        with torch.no_grad():
-            expected = output_leaves(decomposed(*inputs)) if checked is decomposed else None
-            graph_outputs = expected or output_leaves(gm(*inputs))
-        # other lengths are held to the bar the example is: a float program reproduces its
-        # graph, a quantized one adds at most as much noise again as quantization did
-        floor_db = FLOAT_SQNR_DB
-        if engine is not None:
-            floor_db = sqnr(ctx.state.float_outputs, graph_outputs) - MARGIN_DB
+        checked, expected = gm, None
+        if _check_weight_only(gm):
+            checked = decomposed
+            with torch.no_grad():
+                expected = output_leaves(decomposed(*inputs))
         fields: dict[str, Any] = {
             "runtime": EXECUTORCH,
             "engine": engine,
@@ -307,6 +303,10 @@ class ExecuTorchBackend(BundleBackend):
             if max_length is None:
                 return axes
             fields["max_length"] = max_length
+            floor_db = FLOAT_SQNR_DB  # a float program reproduces its graph at every length
+            if engine is not None:  # a quantized one adds at most as much noise again
+                with torch.no_grad():
+                    floor_db = sqnr(ctx.state.float_outputs, checked(*inputs)) - MARGIN_DB
             sequence = _sequence_axes(checked, program, inputs, outputs, max_length, floor_db)
             return DynamicAxes(
                 [

@@ -12,7 +12,7 @@ ExecuTorch's runtime as a callable. ExecuTorch is an optional extra: without it 
 
 Example::
 
-    lowered = lower(decomposed_gm, (x,), max_batch=16, max_length=None)
+    lowered = lower(decomposed_gm, (x,), max_batch=16)
     program = open_program({"model.pte": lowered.program}, {}, Path("model.pte"))
     logits = program(x)
 """
@@ -63,7 +63,6 @@ class Lowered:
     delegated: dict[str, int]  # op -> count run by XNNPACK
     portable: list[dict[str, str]]  # ops left on the portable kernels: op, node, module
     dynamic_batch: bool
-    dynamic_sequence: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -113,7 +112,8 @@ def _dynamic_export(
                 x = torch.cat([x, x], axis) if x.shape[axis] == 1 else x
         examples.append(x)
         shapes.append(axes or None)
-    return torch.export.export(module, tuple(examples), dynamic_shapes=tuple(shapes), strict=False)
+    dynamic = tuple(shapes) if any(shapes) else None  # None: a module of *inputs takes it too
+    return torch.export.export(module, tuple(examples), dynamic_shapes=dynamic, strict=False)
 
 
 def _lowered(exported: Any) -> tuple[tuple[dict[str, int], list[dict[str, str]]], bytes]:
@@ -159,7 +159,9 @@ def _program(
         ) from err
 
 
-def lower(module: nn.Module, inputs: tuple, *, max_batch: int, max_length: int | None) -> Lowered:
+def lower(
+    module: nn.Module, inputs: tuple, *, max_batch: int, max_length: int | None = None
+) -> Lowered:
     """Export ``module`` on ``inputs``, delegate what XNNPACK takes, serialise the program;
     token inputs' sequence axis is dynamic up to ``max_length`` tokens (None: fixed)."""
     require_executorch()
@@ -172,7 +174,7 @@ def lower(module: nn.Module, inputs: tuple, *, max_batch: int, max_length: int |
                 "XNNPACK: a performance bug; its inputs are not in a form XNNPACK takes"
             )
             log.warning("executorch backend: %s", notes[-1])
-    return Lowered(program, delegated, portable, dynamic, max_length is not None, notes)
+    return Lowered(program, delegated, portable, dynamic, notes)
 
 
 class ExecuTorchProgram:
