@@ -134,6 +134,19 @@ def test_a_batch_bound_the_lowering_narrows_is_recorded(residual_net, image, tmp
         bundle(torch.randn(16, 3, 16, 16))
 
 
+def test_an_example_filling_max_batch_keeps_the_batch_dynamic(residual_net, image, tmp_path):
+    """The example's 2 rows are the bound: the check runs one row fewer, not one more."""
+    options = {"max_batch": 2}
+    result = fxcomp.compile(
+        residual_net, image, [fuse()], "executorch", tmp_path, backend_options=options
+    )
+    manifest = result.artifact.manifest
+    assert manifest["max_batch"] == 2 and manifest["inputs"][0]["dynamic_axes"] == [0]
+    assert not manifest["notes"]
+    bundle = fxcomp.load_bundle(result.artifact.path)
+    torch.testing.assert_close(bundle(image[:1]), result.module(image[:1]), rtol=1e-5, atol=1e-5)
+
+
 def test_int8_residual_net_runs_every_quantized_op_in_xnnpack(residual_net, image, tmp_path):
     data = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
     result = fxcomp.compile(residual_net, image, [fuse(), xnnpack(data)], "executorch", tmp_path)
