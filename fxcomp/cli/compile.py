@@ -263,15 +263,12 @@ def _backend_options(
             f"--{', --'.join(options)} apply to --backend {', '.join(_BUNDLING[:-1])} or "
             f"{_BUNDLING[-1]} only"
         )
-    chosen = {k: v for k, v in runtime.items() if v is not None}
-    if chosen and backend != "openvino":
-        raise InputError(f"--{', --'.join(chosen)} apply to --backend openvino only")
-    options.update(chosen)
-    bounds = {k: v for k, v in shapes.items() if v is not None}
-    if bounds and backend != "executorch":
-        flags = ", --".join(k.replace("_", "-") for k in bounds)
-        raise InputError(f"--{flags} apply to --backend executorch only")
-    options.update(bounds)
+    for target, flags in (("openvino", runtime), ("executorch", shapes)):
+        chosen = {k: v for k, v in flags.items() if v is not None}
+        if chosen and backend != target:
+            named = ", --".join(k.replace("_", "-") for k in chosen)
+            raise InputError(f"--{named} apply to --backend {target} only")
+        options.update(chosen)
     for key in ("mean", "std"):
         if key in options:
             try:

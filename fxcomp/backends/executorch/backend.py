@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from fxcomp.backends.base import Artifact
+from fxcomp.backends.base import Artifact, expected_outputs
 from fxcomp.backends.bundle import EXECUTORCH, PROGRAMS, output_leaves
 from fxcomp.backends.bundle_manifest import (
     BundleBackend,
@@ -42,7 +42,12 @@ from fxcomp.backends.bundle_manifest import (
     runs_another_batch,
 )
 from fxcomp.backends.executorch.decomposed import decomposed_graph
-from fxcomp.backends.executorch.program import ExecuTorchProgram, lower, require_executorch
+from fxcomp.backends.executorch.program import (
+    FIXED_LENGTH,
+    ExecuTorchProgram,
+    lower,
+    require_executorch,
+)
 from fxcomp.ir.capture import is_token_input
 from fxcomp.ir.errors import BackendError, InputError, VerificationError
 from fxcomp.nn.weight_only import WeightOnlyLinear
@@ -60,9 +65,10 @@ ENGINE = "xnnpack"
 MAX_BATCH = 8  # XNNPACK-lowered convolutions take at most 15 rows in ExecuTorch 1.5
 
 
-def _quantized_engine(gm: GraphModule) -> str | None:
-    """``xnnpack`` for a reference graph quantized for it, None for a float graph; raise for
-    a graph that is still observing or was quantized for another engine."""
+def _quantized_engine(gm: GraphModule, weight_only: bool) -> str | None:
+    """``xnnpack`` for a reference graph quantized for it (or holding ``weight_only``
+    layers), None for a float graph; raise for a graph that is still observing or was
+    quantized for another engine."""
     hint = f"end the pipeline with quantize(..., engine='{ENGINE}')"
     for name, module in gm.named_modules():
         if isinstance(module, Observer):
@@ -77,7 +83,6 @@ def _quantized_engine(gm: GraphModule) -> str | None:
                 "kernels, which ExecuTorch does not run",
                 hint=hint,
             )
-    weight_only = _check_weight_only(gm)
     if not any(isinstance(m, QuantDequant | DynamicLinear) for m in gm.modules()):
         return ENGINE if weight_only else None
     config = QUANT_CONFIG.get(gm)
@@ -107,9 +112,6 @@ def _check_weight_only(gm: GraphModule) -> bool:
         if layer.bits == 4 and not torch.equal(layer.minimum, -8 * layer.scale):
             raise _asymmetric_int4(f"'{name}' holds")
     return bool(layers)
-
-
-_FIXED_LENGTH = "compile without max_length: the sequence then stays at the example's length"
 
 
 def _check_bounds(max_batch: int, max_length: int | None) -> None:
@@ -186,14 +188,14 @@ def _sequence_axes(
             except Exception as err:
                 raise VerificationError(
                     f"the ExecuTorch program fails on {length} tokens: {type(err).__name__}: {err}",
-                    hint=_FIXED_LENGTH,
+                    hint=FIXED_LENGTH,
                 ) from err
         figure = sqnr(expected, got)
         if figure < floor_db:
             raise VerificationError(
                 f"on {length} tokens the ExecuTorch program is {figure:.1f} dB from the "
                 f"graph it was lowered from (at least {floor_db:.1f} dB expected)",
-                hint=_FIXED_LENGTH,
+                hint=FIXED_LENGTH,
             )
         for index, (e, o) in enumerate(zip(got, outputs, strict=True)):
             changed.update((index, a) for a in range(1, o.dim()) if e.shape[a] != o.shape[a])
@@ -260,7 +262,8 @@ class ExecuTorchBackend(BundleBackend):
         self.check_options(
             mean=mean, std=std, labels=labels, max_batch=max_batch, max_length=max_length
         )
-        engine = _quantized_engine(gm)
+        weight_only = _check_weight_only(gm)
+        engine = _quantized_engine(gm, weight_only)
         inputs = tuple(ctx.config.example_inputs)
         _check_max_length(inputs, max_length)
         decomposed = decomposed_graph(gm)
@@ -270,7 +273,7 @@ class ExecuTorchBackend(BundleBackend):
         # inputs per row: the program is held to the graph that does so, not to the
         # reference graph, whose activations stay float
         checked, expected = gm, None
-        if _check_weight_only(gm):
+        if weight_only:
             checked = decomposed
             with torch.no_grad():
                 expected = output_leaves(decomposed(*inputs))
@@ -305,8 +308,12 @@ class ExecuTorchBackend(BundleBackend):
             fields["max_length"] = max_length
             floor_db = FLOAT_SQNR_DB  # a float program reproduces its graph at every length
             if engine is not None:  # a quantized one adds at most as much noise again
-                with torch.no_grad():
-                    floor_db = sqnr(ctx.state.float_outputs, checked(*inputs)) - MARGIN_DB
+                graph_outputs = (
+                    expected
+                    if expected is not None
+                    else expected_outputs(gm, ctx.state.reference_outputs, inputs)
+                )
+                floor_db = sqnr(ctx.state.float_outputs, graph_outputs) - MARGIN_DB
             sequence = _sequence_axes(checked, program, inputs, outputs, max_length, floor_db)
             return DynamicAxes(
                 [

@@ -32,13 +32,22 @@ from torch import nn
 from fxcomp.ir.capture import is_token_input
 from fxcomp.ir.errors import BackendError, InputError
 
-__all__ = ["ExecuTorchProgram", "Lowered", "lower", "open_program", "require_executorch"]
+__all__ = [
+    "FIXED_LENGTH",
+    "ExecuTorchProgram",
+    "Lowered",
+    "lower",
+    "open_program",
+    "require_executorch",
+]
 
 log = logging.getLogger(__name__)
 
 # Ops that should never be left to the portable kernels: they are the model's work.
 _COMPUTE = ("convolution", "addmm", "linear", ".mm.", "bmm")
 _DELEGATE = "executorch_call_delegate"
+# the way out when a sequence axis cannot be dynamic
+FIXED_LENGTH = "compile without max_length: the sequence then stays at the example's length"
 
 
 def require_executorch() -> None:
@@ -155,7 +164,7 @@ def _program(
         raise BackendError(
             f"the graph could not be lowered with its sequence axis dynamic up to "
             f"{max_length} tokens ({_first_line(err)})",
-            hint="compile without max_length: the sequence then stays at the example's length",
+            hint=FIXED_LENGTH,
         ) from err
 
 
