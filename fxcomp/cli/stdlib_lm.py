@@ -26,12 +26,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
-from safetensors.torch import load_file, save
 from torch import nn
 from tqdm import tqdm
 
-from fxcomp.ir.atomic import write_atomic
+from fxcomp.cli.weights_cache import cached_training
 
 __all__ = ["CONFIG", "Corpus", "perplexity", "stdlib_corpus", "stdlib_lm", "text_batches"]
 
@@ -101,14 +99,6 @@ def _build() -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG, use_cache=False))
 
 
-def _cache_path() -> Path:
-    import transformers
-
-    key = repr((CONFIG, _TRAINING, torch.__version__.split("+")[0], transformers.__version__))
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "fxcomp" / f"stdlib_lm-{digest}.safetensors"
-
-
 def stdlib_lm(*, progress: bool = True) -> nn.Module:
     """The Llama-architecture model trained on the standard library, in eval mode: loaded
     from the cache, or trained (about two minutes on two cores) and cached.
@@ -118,16 +108,12 @@ def stdlib_lm(*, progress: bool = True) -> nn.Module:
         model = stdlib_lm()
         logits = model(input_ids=ids).logits
     """
-    model = _build()
-    path = _cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):  # two processes asking at once: one trains, one waits
-        if path.is_file():
-            model.load_state_dict(load_file(path))
-            return model.eval()
-        _train(model, stdlib_corpus().train, progress=progress)
-        write_atomic(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    return model.eval()
+    import transformers
+
+    key = repr((CONFIG, _TRAINING, torch.__version__.split("+")[0], transformers.__version__))
+    return cached_training(
+        _build(), "stdlib_lm", key, lambda m: _train(m, stdlib_corpus().train, progress=progress)
+    )
 
 
 def _train(model: nn.Module, text: torch.Tensor, *, progress: bool) -> None:
