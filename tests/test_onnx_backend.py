@@ -5,7 +5,8 @@ Agreement: ONNX Runtime runs QDQ graphs with integer kernels (requantizing at ev
 in int32), so its output differs from the reference graph's float arithmetic; that difference
 must stay below the noise quantization itself adds
 (``fxcomp.runtime.parity.check_against_reference``: SQNR against the reference at most 3 dB
-below the reference's SQNR against float). A float file must reproduce the float model at >= 80 dB.
+below the reference's SQNR against float, plus the spread of a noise power measured on the
+output's few values). A float file must reproduce the float model at >= 80 dB.
 """
 
 from __future__ import annotations
