@@ -176,16 +176,23 @@ def noise_data(seed: int, calib_batches: int) -> tuple[list[torch.Tensor], torch
     return data[:-2], torch.cat(data[-2:])
 
 
-def int8_sqnr(name: str, seed: int, calib_batches: int, work: Path) -> dict[str, float]:
-    """SQNR against float of the peer's and fxcomp's INT8 ``.pte`` made with noise ``seed``."""
-    calibration, held_out = noise_data(seed, calib_batches)
-    model = prepared_model(name, calibration)
+def int8_programs(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict:
+    """The peer's, fxcomp's and fxcomp's bias-corrected INT8 programs of ``model`` for batch
+    1, calibrated on ``calibration``, as callables (bundles written under ``out``)."""
     x = calibration[0][:1]
     programs = {"pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program)}
     for key, corrected in (("fxcomp", False), (CORRECTED, True)):
         passes = int8_passes(calibration, bias_correction=corrected)
-        bundle = pte_bundle(model, x, passes, work / f"{name}-{seed}-{key}")
+        bundle = pte_bundle(model, x, passes, out / key.replace(" ", "-"))
         programs[key] = fxcomp.load_bundle(bundle.path).module
+    return programs
+
+
+def int8_sqnr(name: str, seed: int, calib_batches: int, work: Path) -> dict[str, float]:
+    """SQNR against float of the peer's and fxcomp's INT8 ``.pte`` made with noise ``seed``."""
+    calibration, held_out = noise_data(seed, calib_batches)
+    model = prepared_model(name, calibration)
+    programs = int8_programs(model, calibration, work / f"{name}-{seed}")
     with torch.no_grad():
         reference = model(held_out)
     return {key: sqnr(reference, one_by_one(p, held_out)) for key, p in programs.items()}

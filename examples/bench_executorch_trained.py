@@ -17,7 +17,7 @@ Per model and calibration seed (``--seeds``): 128 training images drawn with tha
 
 * pt2e: ``prepare_pt2e`` with ``XNNPACKQuantizer`` and ``get_symmetric_quantization_config(
   is_per_channel=True)``, ``convert_pt2e``, lowered with the XNNPACK partitioner
-  (``examples/bench_executorch.py``'s ``pt2e_program``);
+  (``examples/bench_executorch.py``'s ``int8_programs`` makes all three);
 * fxcomp: ``fxcomp.compile(model, x, [fuse(), quantize(calib, engine="xnnpack")],
   backend="executorch")``;
 * fxcomp + bias correction: the same with ``quantize(..., bias_correction=True)``;
@@ -37,36 +37,22 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_executorch import one_by_one, pt2e_program, pte_bundle
+from bench_executorch import CORRECTED, int8_programs, one_by_one
 from benchmarks_doc import add_output_options, output
-from torch import nn
 from tqdm import tqdm
 
-import fxcomp
-from fxcomp.backends.executorch.program import ExecuTorchProgram, require_executorch
+from fxcomp.backends.executorch.program import require_executorch
 from fxcomp.cli.digits import DigitsData, accuracy, digits_classifier, upsampled_digits
-from fxcomp.passes import fuse, quantize
 from fxcomp.runtime.parity import sqnr
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
-PROGRAMS = ("pt2e", "fxcomp", "fxcomp + bias correction")
+PROGRAMS = ("pt2e", "fxcomp", CORRECTED)
 
 
 def calibration_batches(data: DigitsData, seed: int) -> list[torch.Tensor]:
     """128 training images drawn with ``seed``, in 8 batches of 16."""
     order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(seed))
     return list(data.train_x[order[:128]].split(16))
-
-
-def programs_for(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict:
-    """The three INT8 programs of ``model``, calibrated on ``calibration``, for batch 1."""
-    x = calibration[0][:1]
-    made = {"pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program)}
-    for key, corrected in (("fxcomp", False), ("fxcomp + bias correction", True)):
-        step = quantize(calibration, engine="xnnpack", progress=False, bias_correction=corrected)
-        bundle = pte_bundle(model, x, [fuse(), step], out / key.replace(" ", "-"))
-        made[key] = fxcomp.load_bundle(bundle.path).module
-    return made
 
 
 def measure(name: str, seeds: int, work: Path) -> dict:
@@ -76,7 +62,7 @@ def measure(name: str, seeds: int, work: Path) -> dict:
         reference = model(data.test_x)
     by_seed = []
     for seed in tqdm(range(seeds), desc=name, unit="seed"):
-        made = programs_for(model, calibration_batches(data, seed), work / f"{name}-{seed}")
+        made = int8_programs(model, calibration_batches(data, seed), work / f"{name}-{seed}")
         outputs = {key: one_by_one(made[key], data.test_x) for key in PROGRAMS}
         by_seed.append(
             {

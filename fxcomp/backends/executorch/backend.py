@@ -57,7 +57,7 @@ from fxcomp.quant.dynamic import DynamicLinear
 from fxcomp.quant.layers import layer_schemes
 from fxcomp.quant.observers import Observer
 from fxcomp.quant.reference import QuantDequant
-from fxcomp.runtime.parity import FLOAT_SQNR_DB, MARGIN_DB, sqnr
+from fxcomp.runtime.parity import FLOAT_SQNR_DB, reference_margin_db, sqnr
 
 __all__ = ["ExecuTorchBackend"]
 
@@ -166,10 +166,12 @@ def _sequence_axes(
     inputs: tuple,
     outputs: list[torch.Tensor],
     max_length: int,
-    floor_db: float,
+    quantization_db: float | None,
 ) -> list[list[int]]:
     """Run the program on the shortest and the longest sequence it takes, where it must be
-    at least ``floor_db`` from the graph it was lowered from; the output axes whose size
+    as close to the graph it was lowered from as on the example: ``FLOAT_SQNR_DB`` for a
+    float program; for a quantized one, the graph's SQNR against float (``quantization_db``)
+    less ``reference_margin_db`` of that length's output values. The output axes whose size
     follows the sequence's."""
     changed: set[tuple[int, int]] = set()
     for length in sorted({1, max_length}):
@@ -191,6 +193,9 @@ def _sequence_axes(
                     hint=FIXED_LENGTH,
                 ) from err
         figure = sqnr(expected, got)
+        floor_db = FLOAT_SQNR_DB
+        if quantization_db is not None:
+            floor_db = quantization_db - reference_margin_db(got[0].numel())
         if figure < floor_db:
             raise VerificationError(
                 f"on {length} tokens the ExecuTorch program is {figure:.1f} dB from the "
@@ -306,15 +311,17 @@ class ExecuTorchBackend(BundleBackend):
             if max_length is None:
                 return axes
             fields["max_length"] = max_length
-            floor_db = FLOAT_SQNR_DB  # a float program reproduces its graph at every length
+            quantization_db = None  # a float program reproduces its graph at every length
             if engine is not None:  # a quantized one adds at most as much noise again
                 graph_outputs = (
                     expected
                     if expected is not None
                     else expected_outputs(gm, ctx.state.reference_outputs, inputs)
                 )
-                floor_db = sqnr(ctx.state.float_outputs, graph_outputs) - MARGIN_DB
-            sequence = _sequence_axes(checked, program, inputs, outputs, max_length, floor_db)
+                quantization_db = sqnr(ctx.state.float_outputs, graph_outputs)
+            sequence = _sequence_axes(
+                checked, program, inputs, outputs, max_length, quantization_db
+            )
             return DynamicAxes(
                 [
                     [*a, 1] if is_token_input(x) else a
