@@ -24,6 +24,7 @@ from fxcomp.passes.fusion import fuse
 from fxcomp.passes.pruning import prune
 from fxcomp.passes.qat import qat
 from fxcomp.passes.quantization import quantize
+from fxcomp.passes.rounding import learn_rounding
 from fxcomp.passes.smoothing import smooth_quant
 from fxcomp.passes.sparsity import sparsify
 from fxcomp.passes.weight_casting import cast_weights
@@ -42,6 +43,7 @@ __all__ = [
     "equalize",
     "freeze",
     "fuse",
+    "learn_rounding",
     "lower",
     "observe",
     "prune",

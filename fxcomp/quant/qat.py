@@ -39,7 +39,14 @@ from fxcomp.quant.reference import grid_of
 from fxcomp.runtime.distillation import DistillObjective, DistillOptions, report_rows
 from fxcomp.runtime.training import Supervised, fit
 
-__all__ = ["QAT_OBSERVERS", "QATOptions", "train_quantization_aware"]
+__all__ = [
+    "QAT_OBSERVERS",
+    "QATOptions",
+    "finish_fake_quantization",
+    "prepare_fake_quantization",
+    "quantized_weight_layers",
+    "train_quantization_aware",
+]
 
 QAT_OBSERVERS = ("moving_average", "minmax")  # ranges that can follow the weights per batch
 _TEMPORARY = "fxcomp_qat_shared_grid"  # node meta of the steps that training alone needs
@@ -74,15 +81,40 @@ class QATOptions:
                 raise InputError(f"qat {name} must be a non-negative integer, got {value!r}")
 
 
-def _prepare(gm: GraphModule, learned: bool) -> tuple[list[FakeQuantize], list[str]]:
-    """Observers -> FakeQuantize, weighted layers on quantized inputs -> QATWeight, and a
-    ``SharedGrid`` step after each op that rounds again on its input's grid (``freeze``
-    puts its Q/DQ step there)."""
+def quantized_weight_layers(gm: GraphModule) -> list[str]:
+    """The names of the weighted layers whose input is quantized: those ``freeze`` will
+    give quantized weights.
+
+    Example::
+
+        quantized_weight_layers(observed_gm)   # ['conv1', 'layer1.0.conv1', ...]
+    """
+    names = []
+    for node in gm.graph.nodes:
+        inputs = tensor_inputs(node)
+        weighted = node.meta.get(QUANT_KIND) == "weighted" and inputs
+        if weighted and grid_of(gm, inputs[0], Observer) is not None:
+            names.append(str(node.target))
+    return list(dict.fromkeys(names))  # a layer called twice is one layer
+
+
+def prepare_fake_quantization(
+    gm: GraphModule, learned: bool, wrapper: type[QATWeight] = QATWeight
+) -> tuple[list[FakeQuantize], list[str]]:
+    """Observers -> FakeQuantize, weighted layers on quantized inputs -> ``wrapper``
+    (``QATWeight``, or a subclass that rounds otherwise), and a ``SharedGrid`` step after
+    each op that rounds again on its input's grid (``freeze`` puts its Q/DQ step there);
+    the fake-quantize steps and the wrapped layers' names.
+
+    Example::
+
+        fakes, layers = prepare_fake_quantization(observed_gm, learned=False)
+    """
     config = QUANT_CONFIG.get(gm)
     if config is None:
         raise InputError("the graph has no observers", hint="run insert_observers before train_qat")
     _, weight_scheme = config.schemes()
-    fakes, layers = [], []
+    fakes = []
     for node in gm.graph.nodes:
         module = module_of(gm, node)
         if isinstance(module, Observer) and not isinstance(module, FakeQuantize):
@@ -91,15 +123,13 @@ def _prepare(gm: GraphModule, learned: bool) -> tuple[list[FakeQuantize], list[s
             fakes.append(fake)
     if not fakes:
         raise InputError("the graph has no observers", hint="run insert_observers before train_qat")
+    layers = quantized_weight_layers(gm)
+    for name in layers:
+        replace_module(gm, name, wrapper(gm.get_submodule(name), weight_scheme))
     for node in list(gm.graph.nodes):
         inputs = tensor_inputs(node)
-        kind = node.meta.get(QUANT_KIND)
         source = grid_of(gm, inputs[0], Observer) if inputs else None
-        if kind == "weighted" and source is not None:
-            name = str(node.target)
-            replace_module(gm, name, QATWeight(gm.get_submodule(name), weight_scheme))
-            layers.append(name)
-        elif kind == "requant" and source is not None:
+        if node.meta.get(QUANT_KIND) == "requant" and source is not None:
             name = f"{node.name}_shared_grid"
             gm.add_submodule(name, SharedGrid(source))
             with gm.graph.inserting_after(node):
@@ -110,9 +140,14 @@ def _prepare(gm: GraphModule, learned: bool) -> tuple[list[FakeQuantize], list[s
     return fakes, layers
 
 
-def _finish(gm: GraphModule, layers: list[str]) -> None:
+def finish_fake_quantization(gm: GraphModule, layers: list[str]) -> None:
     """Unwrap the trained layers, drop the shared-grid steps, and fold every BatchNorm that
-    trained inside a ConvBN."""
+    trained inside a ConvBN: the observed graph again, ready for ``freeze``.
+
+    Example::
+
+        finish_fake_quantization(gm, layers)
+    """
     for name in layers:
         replace_module(gm, name, gm.get_submodule(name).trained_layer())
     for node in list(gm.graph.nodes):
@@ -131,7 +166,7 @@ def train_quantization_aware(
 ) -> PassResult:
     """Train the observed graph with fake quantization on ``data`` (module docstring)."""
     options.check()
-    fakes, layers = _prepare(gm, learned=options.ranges == "learned")
+    fakes, layers = prepare_fake_quantization(gm, learned=options.ranges == "learned")
     if options.teacher is not None:
         teacher_gm = trace(options.teacher, named_inputs(gm, ctx.config.example_inputs))
         objective = DistillObjective(gm, teacher_gm, options.distillation)
@@ -159,7 +194,7 @@ def train_quantization_aware(
 
     training = options.distillation.training
     history = fit(objective, gm, data, training, desc="qat", before_epoch=before_epoch)
-    _finish(gm, layers)
+    finish_fake_quantization(gm, layers)
     rows = report_rows(history)
     ctx.state.report.tables["qat"] = [
         {**row, **state} for row, state in zip(rows, states, strict=True)
