@@ -58,7 +58,9 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -75,6 +77,7 @@ from fxcomp.runtime.parity import sqnr
 
 PROGRAMS = ("float", "pt2e", "fxcomp")
 CORRECTED = "fxcomp + bias correction"
+VARIANTS = {"fxcomp": {}, CORRECTED: {"bias_correction": True}}  # fxcomp's programs
 SINGLE = {"max_batch": 1}
 
 
@@ -102,10 +105,9 @@ def pt2e_program(model: nn.Module, x: torch.Tensor, calibration: list[torch.Tens
     return lower(converted, (x,), max_batch=1)
 
 
-def int8_passes(calibration: list[torch.Tensor], bias_correction: bool = False) -> list:
-    """fxcomp's INT8 for XNNPACK."""
-    step = quantize(calibration, engine="xnnpack", progress=False, bias_correction=bias_correction)
-    return [fuse(), step]
+def int8_passes(calibration: list[torch.Tensor], **options: Any) -> list:
+    """fxcomp's INT8 for XNNPACK; ``options`` go to ``quantize``."""
+    return [fuse(), quantize(calibration, engine="xnnpack", progress=False, **options)]
 
 
 def pte_bundle(model: nn.Module, x: torch.Tensor, passes: list, out: Path):
@@ -176,13 +178,19 @@ def noise_data(seed: int, calib_batches: int) -> tuple[list[torch.Tensor], torch
     return data[:-2], torch.cat(data[-2:])
 
 
-def int8_programs(model: nn.Module, calibration: list[torch.Tensor], out: Path) -> dict:
-    """The peer's, fxcomp's and fxcomp's bias-corrected INT8 programs of ``model`` for batch
-    1, calibrated on ``calibration``, as callables (bundles written under ``out``)."""
+def int8_programs(
+    model: nn.Module,
+    calibration: list[torch.Tensor],
+    out: Path,
+    variants: Mapping[str, dict[str, Any]] = VARIANTS,
+) -> dict:
+    """The peer's INT8 program of ``model`` for batch 1 and fxcomp's, one per ``variants``
+    entry (name -> ``quantize`` options), calibrated on ``calibration``, as callables
+    (bundles written under ``out``)."""
     x = calibration[0][:1]
     programs = {"pt2e": ExecuTorchProgram(pt2e_program(model, x, calibration).program)}
-    for key, corrected in (("fxcomp", False), (CORRECTED, True)):
-        passes = int8_passes(calibration, bias_correction=corrected)
+    for key, options in variants.items():
+        passes = int8_passes(calibration, **options)
         bundle = pte_bundle(model, x, passes, out / key.replace(" ", "-"))
         programs[key] = fxcomp.load_bundle(bundle.path).module
     return programs

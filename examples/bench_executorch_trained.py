@@ -2,6 +2,7 @@
 
     python examples/bench_executorch_trained.py
     python examples/bench_executorch_trained.py --model mobilenet_v3_large --seeds 3
+    python examples/bench_executorch_trained.py --learned-rounding
 
 ``examples/bench_executorch.py`` compares the two quantizers on random-weight networks fed
 with noise, which amplify any perturbation: there a 2% change of one activation grid moves
@@ -22,6 +23,11 @@ Per model and calibration seed (``--seeds``): 128 training images drawn with tha
   backend="executorch")``;
 * fxcomp + bias correction: the same with ``quantize(..., bias_correction=True)``;
 
+or, with ``--learned-rounding``, in place of the last:
+
+* fxcomp + learned rounding: ``quantize(..., rounding="learned")`` (``learn_rounding``,
+  200 steps on the same 128 images);
+
 all three for batch 1 and run by ExecuTorch's runtime on the 450 images one at a time. The
 tables give each program's SQNR in dB against the float model's logits and its top-1
 accuracy, their means over the seeds, and fxcomp's gap to PT2E on each seed.
@@ -37,7 +43,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from bench_executorch import CORRECTED, int8_programs, one_by_one
+from bench_executorch import VARIANTS, int8_programs, one_by_one
 from benchmarks_doc import add_output_options, output
 from tqdm import tqdm
 
@@ -46,7 +52,8 @@ from fxcomp.cli.digits import DigitsData, accuracy, digits_classifier, upsampled
 from fxcomp.runtime.parity import sqnr
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large")
-PROGRAMS = ("pt2e", "fxcomp", CORRECTED)
+LEARNED = "fxcomp + learned rounding"
+ROUNDING = {"fxcomp": {}, LEARNED: {"rounding": "learned"}}
 
 
 def calibration_batches(data: DigitsData, seed: int) -> list[torch.Tensor]:
@@ -55,15 +62,16 @@ def calibration_batches(data: DigitsData, seed: int) -> list[torch.Tensor]:
     return list(data.train_x[order[:128]].split(16))
 
 
-def measure(name: str, seeds: int, work: Path) -> dict:
+def measure(name: str, seeds: int, work: Path, variants: dict) -> dict:
     data = upsampled_digits()
     model = digits_classifier(name)
     with torch.no_grad():
         reference = model(data.test_x)
     by_seed = []
     for seed in tqdm(range(seeds), desc=name, unit="seed"):
-        made = int8_programs(model, calibration_batches(data, seed), work / f"{name}-{seed}")
-        outputs = {key: one_by_one(made[key], data.test_x) for key in PROGRAMS}
+        calibration = calibration_batches(data, seed)
+        made = int8_programs(model, calibration, work / f"{name}-{seed}", variants)
+        outputs = {key: one_by_one(program, data.test_x) for key, program in made.items()}
         by_seed.append(
             {
                 key: {
@@ -90,24 +98,26 @@ def _gaps(result: dict, key: str) -> list[float]:
 
 def tables_of(results: list[dict]) -> list:
     seeds = len(results[0]["by_seed"])
+    programs = list(results[0]["by_seed"][0])
     quality = [
         [r["model"], f"{r['float_accuracy']:.2f}"]
-        + [f"{_mean(r, key, 'sqnr_db'):.2f}" for key in PROGRAMS]
-        + [f"{_mean(r, key, 'accuracy'):.2f}" for key in PROGRAMS]
+        + [f"{_mean(r, key, 'sqnr_db'):.2f}" for key in programs]
+        + [f"{_mean(r, key, 'accuracy'):.2f}" for key in programs]
         for r in results
     ]
     quality_headers = ["digits 64x64, trained", "float top-1 %"]
-    quality_headers += [f"{key} SQNR dB" for key in PROGRAMS]
-    quality_headers += [f"{key} top-1 %" for key in PROGRAMS]
+    quality_headers += [f"{key} SQNR dB" for key in programs]
+    quality_headers += [f"{key} top-1 %" for key in programs]
     gaps = []
     for r in results:
         row = [r["model"]]
-        for key in PROGRAMS[1:]:
+        for key in programs[1:]:
             each = _gaps(r, key)
             row += [f"{statistics.mean(each):+.2f}", " ".join(f"{g:+.2f}" for g in each)]
         gaps.append(row)
     gap_headers = [f"SQNR gap to pt2e over {seeds} calibration seeds"]
-    gap_headers += ["fxcomp, mean", "fxcomp, each seed", "corrected, mean", "corrected, each seed"]
+    for key in programs[1:]:
+        gap_headers += [f"{key}, mean", f"{key}, each seed"]
     return [(quality, quality_headers), (gaps, gap_headers)]
 
 
@@ -115,14 +125,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODELS, help="default: all four")
     parser.add_argument("--seeds", type=int, default=4, help="calibration draws per model")
+    parser.add_argument(
+        "--learned-rounding",
+        action="store_true",
+        help="fxcomp + learned rounding in place of bias correction (its own docs section)",
+    )
     add_output_options(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     require_executorch()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as work:
-        results = [measure(name, args.seeds, Path(work)) for name in args.model or MODELS]
-    output("bench_executorch_trained", args, tables_of(results), results)
+        variants = ROUNDING if args.learned_rounding else VARIANTS
+        results = [measure(name, args.seeds, Path(work), variants) for name in args.model or MODELS]
+    section = "bench_executorch_trained" + ("_rounding" if args.learned_rounding else "")
+    output(section, args, tables_of(results), results)
 
 
 if __name__ == "__main__":

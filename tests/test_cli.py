@@ -263,6 +263,18 @@ def test_compile_to_onnx_checks_the_rules_and_prints_a_trtexec_line(tmp_path, en
         assert "none: ort's uint8 Q/DQ is for ONNX Runtime" in trtexec
 
 
+def test_compile_learns_the_rounding_when_asked(tmp_path):
+    out = tmp_path / "out"
+    args = ["compile", f"{EXAMPLE}:Tapped", "--input-shape", "1,3,8,8", "--passes"]
+    args += ["fuse,quantize", "--rounding", "learned", "--calib-batches", "1"]
+    run = fxcomp(*args, "--latency-rounds", "0", "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    table = run.stdout.split("learn_rounding, per layer:")[1]
+    assert "output_error" in table and "rounding" in table
+    bad = fxcomp(*args[:-4], "--rounding", "stochastic", "-o", str(out))
+    assert bad.returncode != 0 and "'stochastic' is not one of 'nearest', 'learned'" in bad.stderr
+
+
 def test_compile_prunes_with_options_and_draws_the_importance(tmp_path):
     out = tmp_path / "out"
     run = fxcomp(

@@ -27,6 +27,7 @@ from fxcomp.cli.options import (
 )
 from fxcomp.ir.errors import InputError
 from fxcomp.ir.graph import state_size
+from fxcomp.passes.quantization import ROUNDINGS
 
 __all__ = ["compile_command"]
 
@@ -43,6 +44,7 @@ _PASS_FLAGS = (
     "engine",
     "observer",
     "bias_correction",
+    "rounding",
     "bits",
     "group_size",
     "method",
@@ -113,6 +115,12 @@ _PASS_FLAGS = (
     "--bias-correction",
     is_flag=True,
     help="quantize: take each layer's mean output shift from weight rounding off its bias.",
+)
+@click.option(
+    "--rounding",
+    type=click.Choice(ROUNDINGS),
+    help="quantize: round weights to nearest (default), or learn each weight's rounding on "
+    "the calibration data against the float output (AdaRound: slower, same kernels).",
 )
 @click.option(
     "--backend",
