@@ -93,12 +93,22 @@ def test_the_caller_model_is_untouched_and_a_second_run_changes_nothing(digits, 
     assert record.modified is False  # no observers left: nothing to round
 
 
-def test_the_x86_kernels_take_the_learned_weights(digits, tmp_path):
+def test_the_x86_grids_stay_and_its_kernels_take_the_learned_weights(digits, tmp_path):
+    """x86's weight grid has 127.5 levels a side: its largest weight is not a grid point,
+    and keeps its value so that freeze finds the grid nearest rounding has."""
     data, model, calibration = digits
+    x = data.test_x[:1]
     config = QuantConfig("x86")
     passes = [fuse(), observe(config), calibrate(calibration, progress=False)]
-    passes += [learn_rounding(calibration, steps=20, progress=False), freeze(), lower()]
-    result = fxcomp.compile(model, data.test_x[:1], passes, "torchscript", tmp_path)
+    passes += [learn_rounding(calibration, steps=20, progress=False), freeze()]
+    learned = fxcomp.compile(model, x, passes).module
+    step = quantize(calibration, engine="x86", lower=False, progress=False)
+    nearest = _modules(fxcomp.compile(model, x, [fuse(), step]).module, QuantizedWeightLayer)
+    for name, layer in _modules(learned, QuantizedWeightLayer).items():
+        assert torch.equal(layer.weight_scale, nearest[name].weight_scale), name
+        change = layer.integer_weight().int() - nearest[name].integer_weight().int()
+        assert int(change.abs().max()) <= 1, name
+    result = fxcomp.compile(model, x, [*passes, lower()], "torchscript", tmp_path)
     assert result.artifact.parity["sqnr_db_vs_reference"] > 30
 
 

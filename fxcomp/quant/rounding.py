@@ -1,13 +1,13 @@
 """Learned weight rounding (AdaRound, Nagel et al. 2020) against the float graph's output.
 
 Between calibration and freeze, each weighted layer on a quantized input rounds its weight
-``w`` onto the grid of its range (scale ``s``, zero point ``z``, as ``freeze`` will) as::
+``w`` onto the symmetric grid of its range (scale ``s``, as ``freeze`` will) as::
 
-    q = clamp(floor(w / s + z) + h(V), qmin, qmax),  h(V) = clamp(1.2 sigmoid(V) - 0.1, 0, 1)
+    q = floor(w / s) + h(V),  h(V) = clamp(1.2 sigmoid(V) - 0.1, 0, 1)
 
-with ``V`` started where ``h(V)`` is the fractional part of ``w / s + z`` (the weight
-itself). The weights that set the grid (those within half a step of either end) keep their
-nearest rounding, so the grid does not move. Activations are fake-quantized on their
+with ``V`` started where ``h(V)`` is the fractional part of ``w / s`` (the weight itself).
+The largest weights (of each output channel, or of the tensor) set the grid: they keep
+their nearest rounding, so the grid does not move. Activations are fake-quantized on their
 calibrated grids, and only the ``V`` train (``fit``'s Adam, cosine decay), minimising::
 
     sum over the float outputs of MSE(quantized, float) / Var(float)
@@ -17,9 +17,10 @@ against the float graph on the calibration data: the error at the output rather 
 layer's own, since lowering every layer's error does not lower the output's (GPTQ's
 rounding halves MobileNetV3's per-layer weight error and leaves its output's SQNR where it
 was). ``beta`` falls from 20 to 2 after the first fifth of the steps, driving every ``h``
-to 0 or 1. At the end each weight is set to ``s * (floor(w / s + z) + [V >= 0] - z)``, a
-point of the grid that ``freeze``'s nearest rounding reproduces exactly.
-``fxcomp.passes.learn_rounding`` is the pass; ``quantize(rounding="learned")`` runs it.
+towards 0 or 1. At the end each weight is set to ``s * (floor(w / s) + [V >= 0])``, a point
+of the grid, and the largest keep their value: ``freeze`` finds the same grid and its
+nearest rounding reproduces every learned choice. ``fxcomp.passes.learn_rounding`` is the
+pass; ``quantize(rounding="learned")`` runs it.
 
 Example::
 
@@ -53,6 +54,7 @@ from fxcomp.quant.qat import (
     quantized_weight_layers,
 )
 from fxcomp.quant.reference import weight_qparams
+from fxcomp.quant.scheme import QScheme
 from fxcomp.runtime.distillation import report_rows
 from fxcomp.runtime.training import TrainOptions, fit
 
@@ -100,44 +102,51 @@ class LearnedRounding(QATWeight):
         conv = layer.trained_layer()   # its weight is now a point of its grid
     """
 
-    def __init__(self, layer: nn.Module, scheme: Any) -> None:
+    def __init__(self, layer: nn.Module, scheme: QScheme) -> None:
         super().__init__(layer, scheme)
         if isinstance(layer, ConvBN):
             raise InputError(
                 "learn_rounding needs BatchNorm folded first",
                 hint="run fuse() (without train_batchnorm) before quantize",
             )
+        if not scheme.symmetric:
+            raise InputError("learn_rounding takes symmetric weight grids (every engine's)")
         weight = self.inner.weight.detach()
-        scale, zero_point = weight_qparams(weight, scheme)
-        shape = (-1,) + (1,) * (weight.dim() - 1) if scale.dim() else ()
-        self.register_buffer("scale", scale.reshape(shape))
-        self.register_buffer("zero_point", zero_point.reshape(shape).float())
-        position = weight / self.scale + self.zero_point
+        scale, _ = weight_qparams(weight, scheme)
+        per_channel = scale.dim() > 0
+        self.register_buffer("scale", scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
+        position = weight / self.scale
         self.register_buffer("floor", torch.floor(position))
-        self.register_buffer("nearest", torch.round(position))
-        # the weights that set the grid keep their nearest rounding
         self.register_buffer(
-            "fixed", (position <= scheme.qmin + 0.5) | (position >= scheme.qmax - 0.5)
+            "nearest", torch.clamp(torch.round(position), scheme.qmin, scheme.qmax)
         )
+        # the largest weights set the grid: they keep their value, and so their rounding
+        size = weight.abs()
+        bound = (
+            size.amax(dim=tuple(range(1, weight.dim())), keepdim=True)
+            if per_channel
+            else size.max()
+        )
+        self.register_buffer("fixed", size >= bound)
+        self.register_buffer("original", weight.clone())
         fraction = (position - self.floor).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1))
 
-    def _grid_point(self, up: torch.Tensor) -> torch.Tensor:
-        q = torch.where(self.fixed, self.nearest, self.floor + up)
-        q = torch.clamp(q, self.scheme.qmin, self.scheme.qmax)
-        return (q - self.zero_point) * self.scale
+    def _grid_point(self, up: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.fixed, fixed, (self.floor + up) * self.scale)
 
     def _rounded(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._grid_point(_h(self.v))
+        return self._grid_point(_h(self.v), self.nearest * self.scale)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
         """The sum of ``1 - |2 h(V) - 1| ** beta``, zero once every weight is rounded."""
         return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
 
     def trained_layer(self) -> nn.Module:
-        """The layer, its weight set to its hard rounding: a point of its grid."""
+        """The layer, each weight set to its hard rounding (a point of its grid), but for
+        the largest, which keep their value so that ``freeze`` finds the same grid."""
         with torch.no_grad():
-            self.inner.weight.copy_(self._grid_point((self.v >= 0).float()))
+            self.inner.weight.copy_(self._grid_point((self.v >= 0).float(), self.original))
         return self.layer
 
 
