@@ -6,7 +6,8 @@ float graph's, activations fake-quantized on their calibrated grids
 (``fxcomp.quant.rounding``). The grids do not move and the graph's structure does not
 change: the kernels and the latency are those of nearest rounding. It runs inside
 ``quantize(..., rounding="learned")``; ``report.tables["learn_rounding"]`` gives the output
-error and the share of weights still between two points, per pass over the data.
+error (MSE over the output's variance) and the rounding term (0 once every weight sits on
+one of its two points), per pass over the data.
 
 Example::
 
