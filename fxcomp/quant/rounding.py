@@ -117,9 +117,8 @@ class LearnedRounding(QATWeight):
         self.register_buffer("scale", scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
         position = weight / self.scale
         self.register_buffer("floor", torch.floor(position))
-        self.register_buffer(
-            "nearest", torch.clamp(torch.round(position), scheme.qmin, scheme.qmax)
-        )
+        nearest = torch.clamp(torch.round(position), scheme.qmin, scheme.qmax)
+        self.register_buffer("nearest", nearest * self.scale)  # the largest weights' values
         # the largest weights set the grid: they keep their value, and so their rounding
         size = weight.abs()
         bound = (
@@ -128,25 +127,31 @@ class LearnedRounding(QATWeight):
             else size.max()
         )
         self.register_buffer("fixed", size >= bound)
-        self.register_buffer("original", weight.clone())
         fraction = (position - self.floor).clamp(1e-4, 1 - 1e-4)
         self.v = nn.Parameter(-torch.log((_ZETA - _GAMMA) / (fraction - _GAMMA) - 1))
+        self.soft: torch.Tensor | None = None  # h(V) of the last forward, for the regulariser
 
-    def _grid_point(self, up: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        return torch.where(self.fixed, fixed, (self.floor + up) * self.scale)
+    def _grid_point(self, up: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.fixed, largest, (self.floor + up) * self.scale)
 
     def _rounded(self, weight: torch.Tensor) -> torch.Tensor:
-        return self._grid_point(_h(self.v), self.nearest * self.scale)
+        self.soft = _h(self.v)
+        return self._grid_point(self.soft, self.nearest)
 
     def rounding_loss(self, beta: float) -> torch.Tensor:
-        """The sum of ``1 - |2 h(V) - 1| ** beta``, zero once every weight is rounded."""
-        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+        """The sum of ``1 - |2 h(V) - 1| ** beta`` after a forward, zero once every weight
+        is rounded."""
+        soft = self.soft if self.soft is not None else _h(self.v)
+        return (1 - (2 * soft - 1).abs().pow(beta)).sum()
 
     def trained_layer(self) -> nn.Module:
         """The layer, each weight set to its hard rounding (a point of its grid), but for
-        the largest, which keep their value so that ``freeze`` finds the same grid."""
+        the largest, which keep their value (the layer's weight did not train) so that
+        ``freeze`` finds the same grid."""
+        weight = self.inner.weight
         with torch.no_grad():
-            self.inner.weight.copy_(self._grid_point((self.v >= 0).float(), self.original))
+            weight.copy_(self._grid_point((self.v >= 0).float(), weight))
+        self.soft = None
         return self.layer
 
 
@@ -234,9 +239,10 @@ def learn_weight_rounding(
     for fake in fakes:
         fake.observing = False  # the calibrated grids stay as they are
     layers = [gm.get_submodule(name) for name in names]
-    trained = {id(layer.v) for layer in layers}
-    for parameter in gm.parameters():
-        parameter.requires_grad_(id(parameter) in trained)
+    frozen = [p for p in gm.parameters() if not p.requires_grad]
+    gm.requires_grad_(False)  # only the rounding trains; no gradients for the weights
+    for layer in layers:
+        layer.v.requires_grad_(True)
     epochs = math.ceil(options.steps / len(data))
     objective = RoundingObjective(gm, teacher, layers, options, epochs * len(data))
     training = TrainOptions(epochs, options.lr, seed=options.seed, progress=options.progress)
@@ -245,5 +251,7 @@ def learn_weight_rounding(
     )
     finish_fake_quantization(gm, names)
     gm.requires_grad_(True)
+    for parameter in frozen:
+        parameter.requires_grad_(False)
     ctx.state.report.tables["learn_rounding"] = report_rows(history)
     return PassResult(gm, modified=True)
